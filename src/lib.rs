@@ -1,0 +1,3 @@
+//! plait: a terminal coding assistant that runs Parallel Loop Transformer models locally.
+
+pub mod model;

@@ -1,0 +1,15 @@
+//! The model: config, weights, the PLT forward pass, its cache, and sampling.
+
+mod cache;
+mod config;
+mod error;
+mod plt;
+mod sampling;
+mod weights;
+
+pub use cache::PltCache;
+pub use config::{generation_eos_ids, PltConfig, TokenIds, SUPPORTED_MODEL_TYPES};
+pub use error::{ModelError, Result, MAX_LOOPS};
+pub use plt::{Logits, PltModel};
+pub use sampling::{Sampler, SamplingParams};
+pub use weights::Checkpoint;

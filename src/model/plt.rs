@@ -1,0 +1,708 @@
+//! The PLT forward pass: loop-by-loop prefill and cross-loop-parallel decode.
+
+use std::path::Path;
+
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::ops::{rms_norm, sigmoid, softmax_last_dim};
+
+use super::cache::{CacheShape, PltCache};
+use super::config::PltConfig;
+use super::error::{ModelError, Result, MAX_LOOPS};
+use super::weights::Checkpoint;
+
+/// Positions prefilled per chunk: bounds the attention score matrix of a long prompt.
+const PREFILL_CHUNK: usize = 512;
+
+/// The gate mixing global and local attention in loops >= 1.
+enum PltGate {
+    /// `sigmoid(weight @ gate_norm(r) + bias)` on the layer's input r.
+    HiddenState {
+        weight: QMatMul,
+        bias: Tensor,
+        norm: Tensor,
+    },
+    /// `sigmoid(q_h . weight_h + bias_h)` on the post-RoPE query.
+    Query { weight: Tensor, bias: Tensor },
+}
+
+struct DecoderLayer {
+    input_norm: Tensor,
+    post_attention_norm: Tensor,
+    q_proj: QMatMul,
+    k_proj: QMatMul,
+    v_proj: QMatMul,
+    o_proj: QMatMul,
+    gate_proj: QMatMul,
+    up_proj: QMatMul,
+    down_proj: QMatMul,
+    plt_gate: Option<PltGate>,
+}
+
+/// Which logits a prefill returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (the positions only fill the cache).
+    None,
+    /// The last position's, `[vocab]`.
+    Last,
+    /// Every position's, `[len, vocab]`.
+    All,
+}
+
+/// What one pass through the layers is doing; decides how attention reads the cache.
+enum Step<'a> {
+    /// Loop `loop_idx` over a chunk starting at `start`.
+    Prefill {
+        loop_idx: usize,
+        start: usize,
+        /// `[rows, start+rows]` causal mask over loop 0's cache, when rows > 1.
+        causal_mask: Option<&'a Tensor>,
+        /// For loops >= 1: the `[rows, window+1+rows]` window mask over (ring ++ chunk)
+        /// keys, and the indices of those keys that form the ring after the chunk.
+        window: Option<&'a (Tensor, Tensor)>,
+    },
+    /// All loops of position `pos`, one row per loop.
+    Decode {
+        pos: usize,
+        /// `[window+1]` mask of ring slots, when some are not valid yet.
+        ring_mask: Option<&'a Tensor>,
+    },
+}
+
+/// A loaded PLT checkpoint, ready to run on its device.
+pub struct PltModel {
+    config: PltConfig,
+    device: Device,
+    dtype: DType,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    /// RoPE inverse frequencies, `[head_dim/2]`, in f64 for exact angles.
+    inv_freq: Vec<f64>,
+}
+
+impl PltModel {
+    /// Loads config.json and the weights of a checkpoint directory onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::NotFound {
+                what: "model directory",
+                path: dir.to_path_buf(),
+            });
+        }
+        let config = PltConfig::from_file(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        // CPU computes in f32; an accelerator keeps the half-precision weights.
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        Self::from_checkpoint(config, &checkpoint, device, dtype)
+    }
+
+    fn from_checkpoint(
+        config: PltConfig,
+        ckpt: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let c = &config;
+        let (d, h, kv, hd) = (
+            c.hidden_size,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+        );
+        let load = |name: &str, shape: &[usize]| ckpt.load(name, shape, dtype, device);
+        let matrix = |name: &str, shape: &[usize]| load(name, shape).map(QMatMul::Tensor);
+        let embed = load("model.embed_tokens.weight", &[c.vocab_size, d])?;
+        let lm_head = if c.tie_word_embeddings {
+            QMatMul::Tensor(embed.clone())
+        } else {
+            matrix("lm_head.weight", &[c.vocab_size, d])?
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let gate_name = format!("{p}.self_attn.plt_gate.weight");
+            let plt_gate = if ckpt.shape(&gate_name).is_none() && c.plt_num_loops == 1 {
+                // A checkpoint trained at one loop may carry no gates; it then runs at one loop.
+                None
+            } else if c.plt_gate_use_hidden_states {
+                Some(PltGate::HiddenState {
+                    weight: matrix(&gate_name, &[h, d])?,
+                    bias: load(&format!("{p}.self_attn.plt_gate.bias"), &[h])?,
+                    norm: load(&format!("{p}.self_attn.plt_gate.gate_norm.weight"), &[d])?,
+                })
+            } else {
+                Some(PltGate::Query {
+                    weight: load(&gate_name, &[h, hd])?,
+                    bias: load(&format!("{p}.self_attn.plt_gate.bias"), &[h])?,
+                })
+            };
+            layers.push(DecoderLayer {
+                input_norm: load(&format!("{p}.input_layernorm.weight"), &[d])?,
+                post_attention_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                q_proj: matrix(&format!("{p}.self_attn.q_proj.weight"), &[h * hd, d])?,
+                k_proj: matrix(&format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d])?,
+                v_proj: matrix(&format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d])?,
+                o_proj: matrix(&format!("{p}.self_attn.o_proj.weight"), &[d, h * hd])?,
+                gate_proj: matrix(
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    &[c.intermediate_size, d],
+                )?,
+                up_proj: matrix(
+                    &format!("{p}.mlp.up_proj.weight"),
+                    &[c.intermediate_size, d],
+                )?,
+                down_proj: matrix(
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &[d, c.intermediate_size],
+                )?,
+                plt_gate,
+            });
+        }
+        let norm = load("model.norm.weight", &[d])?;
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64))
+            .collect();
+        Ok(Self {
+            config,
+            device: device.clone(),
+            dtype,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// The checkpoint's configuration.
+    pub fn config(&self) -> &PltConfig {
+        &self.config
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for a sequence run with `loops` loops.
+    pub fn new_cache(&self, loops: usize) -> Result<PltCache> {
+        self.check_loops(loops)?;
+        let c = &self.config;
+        let shape = CacheShape {
+            layers: c.num_hidden_layers,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            hidden: c.hidden_size,
+            window: c.plt_window,
+            dtype: self.dtype,
+        };
+        PltCache::new(shape, &self.device, loops)
+    }
+
+    fn check_loops(&self, loops: usize) -> Result<()> {
+        if loops == 0 || loops > MAX_LOOPS {
+            return Err(ModelError::LoopCount(loops));
+        }
+        if loops > 1 && self.layers.iter().any(|l| l.plt_gate.is_none()) {
+            return Err(ModelError::NoPltGates(loops));
+        }
+        Ok(())
+    }
+
+    fn check_ids(&self, cache: &PltCache, ids: &[u32]) -> Result<()> {
+        let vocab_size = self.config.vocab_size;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, vocab_size });
+        }
+        let len = cache.len() + ids.len();
+        if len > self.config.max_position_embeddings {
+            return Err(ModelError::ContextOverflow {
+                len,
+                max: self.config.max_position_embeddings,
+            });
+        }
+        Ok(())
+    }
+
+    /// Positions recomputed to rebuild loops >= 1 exactly at `loops` loops.
+    ///
+    /// State dropped before position b is wrong near b, and the error spreads `window`
+    /// positions per layer and one position per loop (the carry's shift); it is gone from
+    /// every ring slot and carry after `(loops-1) * (layers*window + 1) + 1` positions.
+    pub fn rebuild_span(&self, loops: usize) -> usize {
+        (loops - 1) * (self.config.num_hidden_layers * self.config.plt_window + 1) + 1
+    }
+
+    /// Runs `ids` after the cached positions, loop by loop per chunk, and returns the logits asked for.
+    pub fn prefill(
+        &self,
+        cache: &mut PltCache,
+        ids: &[u32],
+        logits: Logits,
+    ) -> Result<Option<Tensor>> {
+        self.check_ids(cache, ids)?;
+        let mut all = Vec::new();
+        let mut last = None;
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            let out = self.prefill_chunk(cache, chunk, logits)?;
+            match logits {
+                Logits::All => all.extend(out),
+                _ => last = out,
+            }
+        }
+        Ok(match logits {
+            Logits::None => None,
+            Logits::Last => last.map(|l| l.squeeze(0)).transpose()?,
+            Logits::All if all.is_empty() => None,
+            Logits::All => Some(Tensor::cat(&all, 0)?),
+        })
+    }
+
+    /// Runs one chunk; `Logits::Last` yields `[1, vocab]`, `Logits::All` `[rows, vocab]`.
+    fn prefill_chunk(
+        &self,
+        cache: &mut PltCache,
+        ids: &[u32],
+        logits_wanted: Logits,
+    ) -> Result<Option<Tensor>> {
+        let c = &self.config;
+        let (rows, start) = (ids.len(), cache.len());
+        cache.reserve(start + rows)?;
+        let positions: Vec<usize> = (start..start + rows).collect();
+        let (cos, sin) = self.rope_tables(&positions)?;
+        let emb = self.embed_ids(ids)?;
+        let causal_mask = (rows > 1)
+            .then(|| self.causal_mask(start, rows))
+            .transpose()?;
+        let window = (cache.loops > 1)
+            .then(|| self.window_mask_and_ring_sources(cache, start, rows))
+            .transpose()?;
+        let mut new_carries = Vec::new();
+        let mut prev_out: Option<Tensor> = None;
+        let mut logits = None;
+        for loop_idx in 0..cache.loops {
+            let mut h = match &prev_out {
+                None => emb.clone(),
+                Some(prev) => {
+                    // Loop l at t reads loop l-1's output at t-1: the carry, then the chunk shifted by one.
+                    let carry = self.carry_row(cache, loop_idx - 1)?;
+                    let shifted = if rows == 1 {
+                        carry
+                    } else {
+                        Tensor::cat(&[&carry, &prev.narrow(0, 0, rows - 1)?], 0)?
+                    };
+                    (emb.affine(c.plt_emb_scale, 0.0)?
+                        + shifted.affine(c.plt_hidden_scale, 0.0)?)?
+                }
+            };
+            let step = Step::Prefill {
+                loop_idx,
+                start,
+                causal_mask: causal_mask.as_ref(),
+                window: window.as_ref(),
+            };
+            for li in 0..self.layers.len() {
+                h = self.layer_forward(li, &h, &cos, &sin, &step, cache)?;
+            }
+            let normed = rms_norm(&h, &self.norm, c.rms_norm_eps as f32)?;
+            if loop_idx + 1 < cache.loops {
+                let out = if c.plt_normalize_per_loop { normed } else { h };
+                new_carries.push(out.narrow(0, rows - 1, 1)?);
+                prev_out = Some(out);
+            } else {
+                logits = match logits_wanted {
+                    Logits::None => None,
+                    Logits::Last => {
+                        Some(self.lm_head.forward(&normed.narrow(0, rows - 1, 1)?)?)
+                    }
+                    Logits::All => Some(self.lm_head.forward(&normed)?),
+                };
+            }
+        }
+        if !new_carries.is_empty() {
+            cache.carries = Some(Tensor::cat(&new_carries, 0)?);
+        }
+        cache.tokens.extend_from_slice(ids);
+        cache.computed_positions += rows as u64;
+        Ok(logits)
+    }
+
+    /// Runs one token through all loops as one batch of rows and returns its logits `[vocab]`.
+    pub fn decode(&self, cache: &mut PltCache, id: u32) -> Result<Tensor> {
+        self.check_ids(cache, &[id])?;
+        let c = &self.config;
+        let pos = cache.len();
+        cache.reserve(pos + 1)?;
+        let (cos, sin) = self.rope_tables(&vec![pos; cache.loops])?;
+        let emb = self.embed_ids(&[id])?;
+        let mut h = match &cache.carries {
+            None => emb,
+            Some(carries) => {
+                let upper = carries
+                    .affine(c.plt_hidden_scale, 0.0)?
+                    .broadcast_add(&emb.affine(c.plt_emb_scale, 0.0)?)?;
+                Tensor::cat(&[&emb, &upper], 0)?
+            }
+        };
+        let ring_mask = self.decode_ring_mask(cache, pos)?;
+        let step = Step::Decode {
+            pos,
+            ring_mask: ring_mask.as_ref(),
+        };
+        for li in 0..self.layers.len() {
+            h = self.layer_forward(li, &h, &cos, &sin, &step, cache)?;
+        }
+        let normed = rms_norm(&h, &self.norm, c.rms_norm_eps as f32)?;
+        let loops = cache.loops;
+        if loops > 1 {
+            let out = if c.plt_normalize_per_loop {
+                &normed
+            } else {
+                &h
+            };
+            cache.carries = Some(out.narrow(0, 0, loops - 1)?.contiguous()?);
+        }
+        cache.tokens.push(id);
+        cache.computed_positions += 1;
+        Ok(self
+            .lm_head
+            .forward(&normed.narrow(0, loops - 1, 1)?)?
+            .squeeze(0)?)
+    }
+
+    /// Drops cached positions from `len` on; loops >= 1 are rebuilt to match a fresh run.
+    pub fn truncate(&self, cache: &mut PltCache, len: usize) -> Result<()> {
+        if len >= cache.len() {
+            return Ok(());
+        }
+        cache.tokens.truncate(len);
+        if cache.loops > 1 {
+            self.rebuild_upper_loops(cache, cache.loops)?;
+        }
+        Ok(())
+    }
+
+    /// Changes the loop count at a step boundary, keeping loop 0's cache.
+    pub fn set_loops(&self, cache: &mut PltCache, loops: usize) -> Result<()> {
+        self.check_loops(loops)?;
+        if loops <= cache.loops {
+            // Loop l's state does not depend on later loops: fewer loops keep it as is.
+            return cache.drop_upper_loops(loops);
+        }
+        self.rebuild_upper_loops(cache, loops)
+    }
+
+    /// Recomputes the state of loops >= 1 (and loop 0's outputs that feed it) over the last
+    /// `rebuild_span` positions; loop 0's K/V are rewritten with the same values.
+    fn rebuild_upper_loops(&self, cache: &mut PltCache, loops: usize) -> Result<()> {
+        let len = cache.len();
+        let from = len.saturating_sub(self.rebuild_span(loops));
+        let replay = cache.tokens.split_off(from);
+        cache.reset_upper_loops(loops, from)?;
+        self.prefill(cache, &replay, Logits::None)?;
+        Ok(())
+    }
+
+    /// Reuses the longest cached prefix of `tokens`, computes the rest, and returns the
+    /// last position's logits together with the number of positions reused.
+    pub fn prefill_reusing(&self, cache: &mut PltCache, tokens: &[u32]) -> Result<(Tensor, usize)> {
+        let common = cache
+            .tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // The last token is always run again: its logits are not kept.
+        let keep = common.min(tokens.len().saturating_sub(1));
+        self.truncate(cache, keep)?;
+        let logits = self
+            .prefill(cache, &tokens[keep..], Logits::Last)?
+            .ok_or(ModelError::EmptyInput)?;
+        Ok((logits, keep))
+    }
+
+    fn carry_row(&self, cache: &PltCache, loop_idx: usize) -> Result<Tensor> {
+        match &cache.carries {
+            Some(carries) => Ok(carries.narrow(0, loop_idx, 1)?),
+            None => Ok(Tensor::zeros(
+                (1, self.config.hidden_size),
+                self.dtype,
+                &self.device,
+            )?),
+        }
+    }
+
+    fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(ids, &self.device)?;
+        Ok(self.embed.index_select(&ids, 0)?)
+    }
+
+    /// cos and sin `[rows, head_dim/2]` for each row's absolute position.
+    fn rope_tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let shape = (positions.len(), half);
+        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    fn mask_tensor(
+        &self,
+        allowed: impl Iterator<Item = bool>,
+        shape: (usize, usize),
+    ) -> Result<Tensor> {
+        let values: Vec<f32> = allowed
+            .map(|a| if a { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        Ok(Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    fn causal_mask(&self, start: usize, rows: usize) -> Result<Tensor> {
+        let keys = start + rows;
+        let allowed = (0..rows).flat_map(|i| (0..keys).map(move |j| j <= start + i));
+        self.mask_tensor(allowed, (rows, keys))
+    }
+
+    /// The window mask over (ring ++ chunk) keys, and which of those keys form the next ring.
+    fn window_mask_and_ring_sources(
+        &self,
+        cache: &PltCache,
+        start: usize,
+        rows: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let w = self.config.plt_window;
+        let w1 = w + 1;
+        let ring_positions: Vec<Option<usize>> = (0..w1)
+            .map(|slot| {
+                start
+                    .checked_sub(1)
+                    .and_then(|last| cache.ring_slot_position(slot, last))
+            })
+            .collect();
+        let key_positions: Vec<Option<usize>> = ring_positions
+            .iter()
+            .copied()
+            .chain((start..start + rows).map(Some))
+            .collect();
+        let allowed = (0..rows).flat_map(|i| {
+            let t = start + i;
+            key_positions
+                .iter()
+                .map(move |k| k.is_some_and(|s| s <= t && s + w >= t))
+        });
+        let mask = self.mask_tensor(allowed, (rows, w1 + rows))?;
+        let last = start + rows - 1;
+        let sources: Vec<u32> = (0..w1)
+            .map(|slot| {
+                let back = (last + w1 - slot) % w1;
+                match last.checked_sub(back) {
+                    Some(p) if p >= start => (w1 + p - start) as u32,
+                    _ => slot as u32,
+                }
+            })
+            .collect();
+        Ok((mask, Tensor::new(sources, &self.device)?))
+    }
+
+    fn decode_ring_mask(&self, cache: &PltCache, pos: usize) -> Result<Option<Tensor>> {
+        if cache.loops == 1 {
+            return Ok(None);
+        }
+        let w1 = self.config.plt_window + 1;
+        let valid: Vec<bool> = (0..w1)
+            .map(|s| cache.ring_slot_position(s, pos).is_some())
+            .collect();
+        if valid.iter().all(|&v| v) {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.mask_tensor(valid.into_iter(), (1, w1))?.reshape(w1)?,
+        ))
+    }
+
+    fn layer_forward(
+        &self,
+        li: usize,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        step: &Step<'_>,
+        cache: &mut PltCache,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let layer = &self.layers[li];
+        let rows = h.dim(0)?;
+        let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let x = rms_norm(h, &layer.input_norm, c.rms_norm_eps as f32)?;
+        let q = layer.q_proj.forward(&x)?.reshape((1, rows, heads, hd))?;
+        let k = layer.k_proj.forward(&x)?.reshape((1, rows, kv_heads, hd))?;
+        let v = layer.v_proj.forward(&x)?.reshape((rows, kv_heads, hd))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
+        let attn = match *step {
+            Step::Prefill {
+                loop_idx,
+                start,
+                causal_mask,
+                window,
+            } => {
+                let keys = start + rows;
+                if loop_idx == 0 {
+                    cache.k0[li].slice_set(&k.transpose(0, 1)?.contiguous()?, 1, start)?;
+                    cache.v0[li].slice_set(&v.transpose(0, 1)?.contiguous()?, 1, start)?;
+                }
+                let k0 = cache.k0[li].narrow(1, 0, keys)?;
+                let v0 = cache.v0[li].narrow(1, 0, keys)?;
+                let global = attend(&q, &k0, &v0, causal_mask, hd)?;
+                match window {
+                    Some((window_mask, ring_sources)) if loop_idx > 0 => {
+                        let ring = loop_idx - 1;
+                        let ring_k = cache.ring_k[li].get(ring)?;
+                        let ring_v = cache.ring_v[li].get(ring)?;
+                        let local_k =
+                            Tensor::cat(&[&ring_k, &k.transpose(0, 1)?], 1)?.contiguous()?;
+                        let local_v =
+                            Tensor::cat(&[&ring_v, &v.transpose(0, 1)?], 1)?.contiguous()?;
+                        let local = attend(&q, &local_k, &local_v, Some(window_mask), hd)?;
+                        let next_k = local_k.index_select(ring_sources, 1)?.unsqueeze(0)?;
+                        let next_v = local_v.index_select(ring_sources, 1)?.unsqueeze(0)?;
+                        cache.ring_k[li].slice_set(&next_k, 0, ring)?;
+                        cache.ring_v[li].slice_set(&next_v, 0, ring)?;
+                        let gate = layer.gate(h, &q, c.rms_norm_eps)?;
+                        mix(&gate, &global, &local, hd)?
+                    }
+                    _ => global,
+                }
+            }
+            Step::Decode { pos, ring_mask } => {
+                // Loop 0 writes position `pos` first: every row's global attention reads it.
+                cache.k0[li].slice_set(
+                    &k.narrow(0, 0, 1)?.transpose(0, 1)?.contiguous()?,
+                    1,
+                    pos,
+                )?;
+                cache.v0[li].slice_set(
+                    &v.narrow(0, 0, 1)?.transpose(0, 1)?.contiguous()?,
+                    1,
+                    pos,
+                )?;
+                let k0 = cache.k0[li].narrow(1, 0, pos + 1)?;
+                let v0 = cache.v0[li].narrow(1, 0, pos + 1)?;
+                let global = attend(&q, &k0, &v0, None, hd)?;
+                if rows == 1 {
+                    global
+                } else {
+                    let upper = rows - 1;
+                    let slot = pos % (c.plt_window + 1);
+                    let k_up = k.narrow(0, 1, upper)?.unsqueeze(2)?.contiguous()?;
+                    let v_up = v.narrow(0, 1, upper)?.unsqueeze(2)?.contiguous()?;
+                    cache.ring_k[li].slice_set(&k_up, 2, slot)?;
+                    cache.ring_v[li].slice_set(&v_up, 2, slot)?;
+                    let q_up = q.narrow(0, 1, upper)?;
+                    let local =
+                        attend_rings(&q_up, &cache.ring_k[li], &cache.ring_v[li], ring_mask, hd)?;
+                    let gate = layer.gate(&h.narrow(0, 1, upper)?, &q_up, c.rms_norm_eps)?;
+                    let mixed = mix(&gate, &global.narrow(0, 1, upper)?, &local, hd)?;
+                    Tensor::cat(&[&global.narrow(0, 0, 1)?, &mixed], 0)?
+                }
+            }
+        };
+        let h = (h + layer.o_proj.forward(&attn)?)?;
+        let y = rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps as f32)?;
+        let mlp =
+            candle_nn::ops::silu(&layer.gate_proj.forward(&y)?)? * layer.up_proj.forward(&y)?;
+        Ok((&h + layer.down_proj.forward(&mlp?)?)?)
+    }
+}
+
+impl DecoderLayer {
+    /// Per-row, per-head gate `[rows, heads]` of loops >= 1.
+    fn gate(&self, r: &Tensor, q: &Tensor, eps: f64) -> Result<Tensor> {
+        let logits = match &self.plt_gate {
+            Some(PltGate::HiddenState { weight, bias, norm }) => {
+                let normed = rms_norm(r, norm, eps as f32)?;
+                weight.forward(&normed)?.broadcast_add(bias)?
+            }
+            Some(PltGate::Query { weight, bias }) => q
+                .broadcast_mul(weight)?
+                .sum(D::Minus1)?
+                .broadcast_add(bias)?,
+            // check_loops refuses more than one loop without gates, so no row reaches here.
+            None => return Err(ModelError::NoPltGates(2)),
+        };
+        Ok(sigmoid(&logits)?)
+    }
+}
+
+/// Attention of `q` `[rows, heads, hd]` over shared keys `k`, `v` `[kv_heads, keys, hd]`
+/// (GQA: consecutive query heads share a KV head); returns `[rows, heads*hd]`.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, hd: usize) -> Result<Tensor> {
+    let (rows, heads, _) = q.dims3()?;
+    let (kv_heads, keys, _) = k.dims3()?;
+    let group = heads / kv_heads;
+    let q = q
+        .reshape((rows, kv_heads, group, hd))?
+        .transpose(0, 1)?
+        .reshape((kv_heads, rows * group, hd))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = match mask {
+        Some(mask) => scores
+            .reshape((kv_heads, rows, group, keys))?
+            .broadcast_add(&mask.reshape((1, rows, 1, keys))?)?
+            .reshape((kv_heads, rows * group, keys))?,
+        None => scores,
+    };
+    let probs = softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    Ok(out
+        .reshape((kv_heads, rows, group, hd))?
+        .transpose(0, 1)?
+        .reshape((rows, heads * hd))?)
+}
+
+/// Attention of each row of `q` `[rows, heads, hd]` over its own ring `[rows, kv_heads, slots, hd]`.
+fn attend_rings(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    hd: usize,
+) -> Result<Tensor> {
+    let (rows, heads, _) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
+    let q = q.reshape((rows, kv_heads, heads / kv_heads, hd))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let scores = match mask {
+        Some(mask) => scores.broadcast_add(mask)?,
+        None => scores,
+    };
+    let out = softmax_last_dim(&scores)?.matmul(v)?;
+    Ok(out.reshape((rows, heads * hd))?)
+}
+
+/// Per head `g * global + (1 - g) * local`, with `gate` `[rows, heads]`.
+fn mix(gate: &Tensor, global: &Tensor, local: &Tensor, hd: usize) -> Result<Tensor> {
+    let (rows, width) = global.dims2()?;
+    let heads = width / hd;
+    let g = gate.reshape((rows, heads, 1))?;
+    let global = global.reshape((rows, heads, hd))?;
+    let local = local.reshape((rows, heads, hd))?;
+    let mixed = (&local + (global - &local)?.broadcast_mul(&g)?)?;
+    Ok(mixed.reshape((rows, width))?)
+}

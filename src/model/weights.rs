@@ -1,0 +1,151 @@
+//! Memory-mapped safetensors checkpoints: one file or shards listed by an index.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::error::{ModelError, Result};
+
+/// The weights of a checkpoint directory, memory-mapped, not yet loaded.
+pub struct Checkpoint {
+    files: Vec<MmapedSafetensors>,
+    routing: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Maps `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        if index_path.exists() {
+            Self::open_sharded(dir, &index_path)
+        } else if single.exists() {
+            let file = map_file(&single)?;
+            let routing = file_tensor_names(&file).map(|n| (n, 0)).collect();
+            Ok(Self {
+                files: vec![file],
+                routing,
+            })
+        } else {
+            Err(ModelError::NotFound {
+                what: "weights (model.safetensors or model.safetensors.index.json)",
+                path: dir.to_path_buf(),
+            })
+        }
+    }
+
+    fn open_sharded(dir: &Path, index_path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index_path).map_err(|source| ModelError::Io {
+            path: index_path.to_path_buf(),
+            source,
+        })?;
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let index: ShardIndex =
+            serde_path_to_error::deserialize(de).map_err(|e| ModelError::Config {
+                path: index_path.to_path_buf(),
+                field: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        // Sorted so that the shard order, and so any error, is deterministic.
+        let mut entries: Vec<(&String, &String)> = index.weight_map.iter().collect();
+        entries.sort();
+        let mut shard_ids: HashMap<&str, usize> = HashMap::new();
+        let mut shard_paths: Vec<PathBuf> = Vec::new();
+        let mut routing = HashMap::new();
+        for (tensor, shard) in entries {
+            let id = match shard_ids.get(shard.as_str()) {
+                Some(id) => *id,
+                None => {
+                    let path = dir.join(shard);
+                    if !path.is_file() {
+                        return Err(ModelError::MissingShard {
+                            index: index_path.to_path_buf(),
+                            shard: shard.clone(),
+                            tensor: tensor.clone(),
+                        });
+                    }
+                    shard_paths.push(path);
+                    shard_ids.insert(shard, shard_paths.len() - 1);
+                    shard_paths.len() - 1
+                }
+            };
+            routing.insert(tensor.clone(), id);
+        }
+        let files = shard_paths
+            .iter()
+            .map(|p| map_file(p))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { files, routing })
+    }
+
+    /// The stored shape of a tensor, if the checkpoint has it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let file = &self.files[*self.routing.get(name)?];
+        file.get(name).ok().map(|v| v.shape().to_vec())
+    }
+
+    /// Loads a tensor after checking its shape, converted to `dtype` on `device`.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let missing = || ModelError::MissingTensor {
+            name: name.to_string(),
+        };
+        let file = &self.files[*self.routing.get(name).ok_or_else(missing)?];
+        let view = file.get(name).map_err(|_| missing())?;
+        if view.shape() != shape {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let unsupported = |dtype: String| ModelError::TensorDtype {
+            name: name.to_string(),
+            dtype,
+        };
+        // One tensor at a time: the stored copy is dropped as soon as it is converted,
+        // so peak memory stays near the size of the computed weights.
+        let stored = file
+            .load(name, device)
+            .map_err(|e| unsupported(root_message(&e)))?;
+        if !matches!(stored.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            return Err(unsupported(stored.dtype().as_str().to_string()));
+        }
+        Ok(stored.to_dtype(dtype)?)
+    }
+}
+
+fn map_file(path: &Path) -> Result<MmapedSafetensors> {
+    // SAFETY: the mapping is read-only; plait never writes checkpoint files, and a file
+    // changed by another process while mapped is outside what any mmap-based loader guards.
+    unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message: root_message(&e),
+    })
+}
+
+fn file_tensor_names(file: &MmapedSafetensors) -> impl Iterator<Item = String> + '_ {
+    file.tensors().into_iter().map(|(name, _)| name)
+}
+
+/// The innermost message of a candle error, without the path candle already attached.
+fn root_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithPath { inner, .. } => root_message(inner),
+        candle_core::Error::WithBacktrace { inner, .. } => root_message(inner),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,56 @@
+//! Helpers shared by the integration tests: fixture paths and the oracle's values.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// The fixture checkpoints copied from ../shared/fixtures.
+pub const FIXTURES: [&str; 2] = ["plt-tiny-2loop", "plt-tiny-3loop-bf16"];
+
+/// Path of a fixture directory inside the repository.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The fixture's expected.json.
+pub fn expected(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A list of ids from expected.json.
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The oracle's logits `[len, vocab]` of the full forward with `loops` loops.
+pub fn expected_logits(name: &str, loops: usize) -> Vec<Vec<f32>> {
+    let all = candle_core::safetensors::load(
+        fixture(name).join("expected_logits.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    all[&format!("logits_loops{loops}")].to_vec2().unwrap()
+}
+
+/// Largest absolute difference between two rows of logits.
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A tensor of logits as a host vector.
+pub fn row(t: &Tensor) -> Vec<f32> {
+    t.to_vec1().unwrap()
+}
