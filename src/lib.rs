@@ -1,3 +1,4 @@
 //! plait: a terminal coding assistant that runs Parallel Loop Transformer models locally.
 
+pub mod engine;
 pub mod model;

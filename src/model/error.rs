@@ -89,6 +89,9 @@ pub enum ModelError {
     /// More than one loop was asked of a checkpoint that has no PLT gates.
     #[error("cannot run {0} loops: the checkpoint has no PLT gates (model.layers.N.self_attn.plt_gate.*), so it runs at 1 loop")]
     NoPltGates(usize),
+    /// Scoring needs at least two tokens.
+    #[error("perplexity needs at least 2 token ids, got {0}")]
+    TooFewTokens(usize),
     /// A forward pass was asked for no tokens.
     #[error("no tokens to run")]
     EmptyInput,

@@ -54,3 +54,32 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn row(t: &Tensor) -> Vec<f32> {
     t.to_vec1().unwrap()
 }
+
+/// A writable copy of a fixture's config.json and weights in a temporary directory.
+pub fn fixture_copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// Edits a JSON file in place.
+pub fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
+}
+
+/// Rewrites the single-file weights of `dir` after `edit` changes the tensor map.
+pub fn edit_weights(
+    dir: &std::path::Path,
+    edit: impl FnOnce(&mut std::collections::HashMap<String, Tensor>),
+) {
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    edit(&mut tensors);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+}

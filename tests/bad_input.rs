@@ -1,0 +1,320 @@
+//! Bad checkpoints and arguments give a clear error naming the culprit, never a panic.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use plait::model::{PltModel, MAX_LOOPS};
+
+fn load_error(dir: &Path) -> String {
+    match PltModel::load(dir, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_names(message: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(message.contains(part), "`{message}` does not name `{part}`");
+    }
+}
+
+#[test]
+fn missing_directory_and_files_are_named() {
+    let e = load_error(Path::new("/no/such/model"));
+    assert_names(&e, &["model directory", "/no/such/model"]);
+
+    let dir = fixture_copy("plt-tiny-2loop");
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    assert_names(&load_error(dir.path()), &["config.json"]);
+
+    let dir = fixture_copy("plt-tiny-2loop");
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    assert_names(&load_error(dir.path()), &["model.safetensors"]);
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named_with_shapes() {
+    let dir = fixture_copy("plt-tiny-2loop");
+    edit_weights(dir.path(), |t| {
+        t.remove("model.layers.1.mlp.up_proj.weight");
+    });
+    assert_names(
+        &load_error(dir.path()),
+        &["model.layers.1.mlp.up_proj.weight", "missing"],
+    );
+
+    let dir = fixture_copy("plt-tiny-2loop");
+    edit_weights(dir.path(), |t| {
+        let bad = Tensor::zeros((64, 63), candle_core::DType::F32, &Device::Cpu).unwrap();
+        t.insert("model.layers.2.self_attn.k_proj.weight".into(), bad);
+    });
+    assert_names(
+        &load_error(dir.path()),
+        &[
+            "model.layers.2.self_attn.k_proj.weight",
+            "[64, 63]",
+            "[32, 64]",
+        ],
+    );
+
+    // A query-gate config against hidden-state gate tensors is caught by the shapes.
+    let dir = fixture_copy("plt-tiny-2loop");
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["plt_gate_use_hidden_states"] = false.into();
+    });
+    assert_names(
+        &load_error(dir.path()),
+        &["plt_gate.weight", "[4, 64]", "[4, 16]"],
+    );
+}
+
+#[test]
+fn config_errors_name_the_field_or_the_model_type() {
+    let dir = fixture_copy("plt-tiny-2loop");
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["model_type"] = "gpt_neox".into()
+    });
+    assert_names(&load_error(dir.path()), &["model_type", "gpt_neox"]);
+
+    let dir = fixture_copy("plt-tiny-2loop");
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["plt_hidden_scale"] = "half".into()
+    });
+    assert_names(
+        &load_error(dir.path()),
+        &["config.json", "plt_hidden_scale"],
+    );
+
+    let dir = fixture_copy("plt-tiny-2loop");
+    edit_json(&dir.path().join("config.json"), |c| {
+        c["num_hidden_layers"] = (-3).into()
+    });
+    assert_names(&load_error(dir.path()), &["num_hidden_layers"]);
+
+    let dir = fixture_copy("plt-tiny-2loop");
+    std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
+    assert_names(&load_error(dir.path()), &["config.json"]);
+}
+
+#[test]
+fn truncated_or_corrupt_safetensors_are_refused() {
+    let dir = fixture_copy("plt-tiny-2loop");
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert_names(
+        &load_error(dir.path()),
+        &["model.safetensors", "not a valid safetensors"],
+    );
+
+    std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+    assert_names(
+        &load_error(dir.path()),
+        &["model.safetensors", "not a valid safetensors"],
+    );
+}
+
+#[test]
+fn an_index_naming_a_missing_shard_is_refused() {
+    let dir = fixture_copy("plt-tiny-3loop-bf16");
+    std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+    assert_names(
+        &load_error(dir.path()),
+        &[
+            "model.safetensors.index.json",
+            "model-00002-of-00003.safetensors",
+        ],
+    );
+}
+
+#[test]
+fn loop_counts_and_token_ids_out_of_range_are_refused() {
+    let model = PltModel::load(&fixture("plt-tiny-2loop"), &Device::Cpu).unwrap();
+    for loops in [0, MAX_LOOPS + 1] {
+        let e = model.new_cache(loops).err().unwrap().to_string();
+        assert_names(&e, &[&format!("loop count {loops}")]);
+    }
+    let mut cache = model.new_cache(2).unwrap();
+    model.set_loops(&mut cache, 8).unwrap();
+    assert!(model.set_loops(&mut cache, 9).is_err());
+    let e = model
+        .prefill(&mut cache, &[5, 416], plait::model::Logits::Last)
+        .err()
+        .unwrap()
+        .to_string();
+    assert_names(&e, &["416", "vocabulary"]);
+    assert!(
+        cache.is_empty(),
+        "a refused prefill leaves the cache as it was"
+    );
+    let e = model.decode(&mut cache, 10_000).err().unwrap().to_string();
+    assert_names(&e, &["10000"]);
+}
+
+fn plait(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_plait"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn commands_report_bad_input_with_a_nonzero_exit() {
+    let model = fixture("plt-tiny-2loop");
+    let model = model.to_str().unwrap();
+    for (args, culprit) in [
+        (
+            vec![
+                "perplexity",
+                "--model",
+                model,
+                "--ids",
+                "1,2,3",
+                "--loops",
+                "0",
+            ],
+            "--loops",
+        ),
+        (
+            vec![
+                "perplexity",
+                "--model",
+                model,
+                "--ids",
+                "1,2,3",
+                "--loops",
+                "9",
+            ],
+            "--loops",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                model,
+                "--ids",
+                "1,500",
+                "--max-tokens",
+                "2",
+            ],
+            "500",
+        ),
+        (
+            vec!["perplexity", "--model", model, "--ids", "1,x"],
+            "--ids",
+        ),
+        (
+            vec!["perplexity", "--model", "/no/such/dir", "--ids", "1,2"],
+            "/no/such/dir",
+        ),
+        (
+            vec!["perplexity", "--model", model, "--ids", "7"],
+            "at least 2",
+        ),
+    ] {
+        let (code, _, stderr) = plait(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            stderr.contains(culprit),
+            "{args:?}: `{stderr}` does not name {culprit}"
+        );
+    }
+}
+
+#[test]
+fn commands_print_the_documented_json() {
+    let name = "plt-tiny-2loop";
+    let exp = expected(name);
+    let seq: Vec<String> = ids(&exp["sequence_ids"])
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    let prompt: Vec<String> = ids(&exp["prompt_ids"]).iter().map(u32::to_string).collect();
+    let model = fixture(name);
+    let model = model.to_str().unwrap();
+
+    let (code, stdout, stderr) = plait(&[
+        "perplexity",
+        "--model",
+        model,
+        "--ids",
+        &seq.join(","),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["tokens"], seq.len());
+    assert_eq!(v["scored"], seq.len() - 1);
+    assert_eq!(v["loops"], 2, "--loops defaults to plt_num_loops");
+    let nll = v["nll"].as_f64().unwrap();
+    assert!((nll - exp["loops2"]["nll"].as_f64().unwrap()).abs() < 1e-4);
+    assert!((v["perplexity"].as_f64().unwrap() - nll.exp()).abs() < 1e-6 * nll.exp());
+
+    let (code, stdout, stderr) = plait(&[
+        "generate",
+        "--model",
+        model,
+        "--ids",
+        &prompt.join(","),
+        "--max-tokens",
+        "12",
+        "--loops",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["prompt_tokens"], prompt.len());
+    assert_eq!(ids(&v["ids"]), ids(&exp["loops3"]["greedy_from_prompt"]));
+    assert_eq!(v["loops"], 3);
+    assert_eq!(v["stop_reason"], "max_tokens");
+    for field in ["ttft_ms", "prefill_tok_s", "decode_tok_s"] {
+        assert!(v[field].as_f64().unwrap() > 0.0, "{field}");
+    }
+}
+
+#[test]
+fn generation_stops_on_a_stop_id_and_never_returns_it() {
+    // Sampling at a high temperature reaches a stop id (2 or 401) soon for this random model.
+    let model = fixture("plt-tiny-2loop");
+    let model = model.to_str().unwrap();
+    let mut stopped = false;
+    for seed in 0..40 {
+        let (code, stdout, stderr) = plait(&[
+            "generate",
+            "--model",
+            model,
+            "--ids",
+            "5,6,7",
+            "--max-tokens",
+            "64",
+            "--temperature",
+            "5",
+            "--seed",
+            &seed.to_string(),
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let out = ids(&v["ids"]);
+        assert!(
+            !out.contains(&2) && !out.contains(&401),
+            "a stop id was returned: {out:?}"
+        );
+        if v["stop_reason"] == "eos" {
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped, "no seed reached a stop id");
+}
