@@ -92,6 +92,25 @@ pub enum ModelError {
     /// Scoring needs at least two tokens.
     #[error("perplexity needs at least 2 token ids, got {0}")]
     TooFewTokens(usize),
+    /// A tokenizer file could not be read or converted.
+    #[error("{}: {message}", path.display())]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Encoding or decoding text failed.
+    #[error("tokenizer: {0}")]
+    Encode(String),
+    /// A chat template failed to compile or render.
+    #[error("chat template {name}: {message}")]
+    Template {
+        /// Where the template came from.
+        name: String,
+        /// The template engine's message, with the line.
+        message: String,
+    },
     /// A forward pass was asked for no tokens.
     #[error("no tokens to run")]
     EmptyInput,

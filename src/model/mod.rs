@@ -5,6 +5,8 @@ mod config;
 mod error;
 mod plt;
 mod sampling;
+mod sentencepiece;
+mod tokenizer;
 mod weights;
 
 pub use cache::PltCache;
@@ -12,4 +14,6 @@ pub use config::{generation_eos_ids, PltConfig, TokenIds, SUPPORTED_MODEL_TYPES}
 pub use error::{ModelError, Result, MAX_LOOPS};
 pub use plt::{Logits, PltModel};
 pub use sampling::{Sampler, SamplingParams};
+pub use sentencepiece::{SpmError, SpmModel};
+pub use tokenizer::{TextStream, TextTokenizer, TokenizerConfig};
 pub use weights::Checkpoint;
