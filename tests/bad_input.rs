@@ -3,7 +3,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use common::*;
@@ -153,18 +152,6 @@ fn loop_counts_and_token_ids_out_of_range_are_refused() {
     );
     let e = model.decode(&mut cache, 10_000).err().unwrap().to_string();
     assert_names(&e, &["10000"]);
-}
-
-fn plait(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_plait"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! The model: config, weights, the PLT forward pass, its cache, and sampling.
 
+mod bundle;
 mod cache;
+mod chat;
 mod config;
 mod error;
 mod plt;
@@ -9,7 +11,9 @@ mod sentencepiece;
 mod tokenizer;
 mod weights;
 
+pub use bundle::LoadedModel;
 pub use cache::PltCache;
+pub use chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
 pub use config::{generation_eos_ids, PltConfig, TokenIds, SUPPORTED_MODEL_TYPES};
 pub use error::{ModelError, Result, MAX_LOOPS};
 pub use plt::{Logits, PltModel};

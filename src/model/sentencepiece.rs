@@ -132,14 +132,20 @@ impl<'a> Reader<'a> {
                 Field::Fixed64
             }
             2 => {
-                let len = usize::try_from(self.varint()?).map_err(|_| SpmError("length overflows".into()))?;
+                let len = usize::try_from(self.varint()?)
+                    .map_err(|_| SpmError("length overflows".into()))?;
                 Field::Bytes(self.take(len)?)
             }
             5 => {
                 let b = self.take(4)?;
                 Field::Fixed32(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             }
-            wire => return Err(SpmError(format!("unsupported wire type {wire} at byte {}", self.pos))),
+            wire => {
+                return Err(SpmError(format!(
+                    "unsupported wire type {wire} at byte {}",
+                    self.pos
+                )))
+            }
         };
         Ok(Some((key >> 3, field)))
     }
@@ -197,7 +203,9 @@ impl SpmModel {
                 (1, Field::Bytes(b)) => model.pieces.push(parse_piece(b)?),
                 (2, Field::Bytes(b)) => model.read_trainer_spec(b)?,
                 (3, Field::Bytes(b)) => model.read_normalizer_spec(b)?,
-                (1..=3, _) => return Err(SpmError(format!("field {number} has the wrong wire type"))),
+                (1..=3, _) => {
+                    return Err(SpmError(format!("field {number} has the wrong wire type")))
+                }
                 _ => {}
             }
         }
@@ -229,7 +237,8 @@ impl SpmModel {
                 }
                 (35, Field::Varint(v)) => self.byte_fallback = v != 0,
                 (40, Field::Varint(v)) => {
-                    self.unk_id = u32::try_from(v).map_err(|_| SpmError(format!("unk_id {v} is invalid")))?
+                    self.unk_id =
+                        u32::try_from(v).map_err(|_| SpmError(format!("unk_id {v} is invalid")))?
                 }
                 _ => {}
             }

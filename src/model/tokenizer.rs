@@ -8,7 +8,9 @@ use serde::Deserialize;
 use tokenizers::models::bpe::BPE;
 use tokenizers::models::unigram::Unigram;
 use tokenizers::normalizers::{Precompiled, Prepend, Replace, Sequence, Strip};
-use tokenizers::{AddedToken, Model, ModelWrapper, NormalizedString, Normalizer, NormalizerWrapper, Tokenizer};
+use tokenizers::{
+    AddedToken, Model, ModelWrapper, NormalizedString, Normalizer, NormalizerWrapper, Tokenizer,
+};
 
 use super::error::{ModelError, Result};
 use super::sentencepiece::{PieceType, SpmModel, SpmModelType};
@@ -110,7 +112,7 @@ enum PieceText {
 }
 
 enum Backend {
-    SentencePiece(SpmBackend),
+    SentencePiece(Box<SpmBackend>),
     Json(Box<Tokenizer>),
 }
 
@@ -179,7 +181,10 @@ impl TextTokenizer {
         let id_of = |value: Option<&serde_json::Value>| {
             TokenizerConfig::token_text(value).and_then(|t| tokenizer.token_to_id(&t))
         };
-        let (bos_id, eos_id) = (id_of(config.bos_token.as_ref()), id_of(config.eos_token.as_ref()));
+        let (bos_id, eos_id) = (
+            id_of(config.bos_token.as_ref()),
+            id_of(config.eos_token.as_ref()),
+        );
         Ok(Self {
             backend: Backend::Json(Box::new(tokenizer)),
             added: HashMap::new(),
@@ -193,18 +198,29 @@ impl TextTokenizer {
     }
 
     fn from_sentencepiece(spm: &SpmModel, config: &TokenizerConfig, path: &Path) -> Result<Self> {
-        let vocab_size = spm.pieces.len();
         let model: ModelWrapper = match spm.model_type {
-            SpmModelType::Bpe => bpe_from_pieces(spm).map_err(|e| tokenizer_error(path, e))?.into(),
+            SpmModelType::Bpe => bpe_from_pieces(spm)
+                .map_err(|e| tokenizer_error(path, e))?
+                .into(),
             SpmModelType::Unigram => {
-                let vocab = spm.pieces.iter().map(|p| (p.piece.clone(), p.score as f64)).collect();
+                let vocab = spm
+                    .pieces
+                    .iter()
+                    .map(|p| (p.piece.clone(), p.score as f64))
+                    .collect();
                 Unigram::from(vocab, Some(spm.unk_id as usize), spm.byte_fallback)
                     .map_err(|e| tokenizer_error(path, e))?
                     .into()
             }
-            other => return Err(tokenizer_error(path, format!("SentencePiece model type {other:?} is not supported"))),
+            other => {
+                return Err(tokenizer_error(
+                    path,
+                    format!("SentencePiece model type {other:?} is not supported"),
+                ))
+            }
         };
-        let (with_prefix, without_prefix) = spm_normalizers(spm).map_err(|e| tokenizer_error(path, e))?;
+        let (with_prefix, without_prefix) =
+            spm_normalizers(spm).map_err(|e| tokenizer_error(path, e))?;
         let pieces = spm
             .pieces
             .iter()
@@ -222,13 +238,18 @@ impl TextTokenizer {
             .iter()
             .enumerate()
             .filter(|(_, p)| p.kind == PieceType::UserDefined)
-            .map(|(id, p)| (id as u32, AddedTokenSpec {
-                content: p.piece.clone(),
-                special: false,
-                lstrip: false,
-                rstrip: false,
-                single_word: false,
-            }));
+            .map(|(id, p)| {
+                (
+                    id as u32,
+                    AddedTokenSpec {
+                        content: p.piece.clone(),
+                        special: false,
+                        lstrip: false,
+                        rstrip: false,
+                        single_word: false,
+                    },
+                )
+            });
         for (id, spec) in user_defined.chain(sorted_added(config, path)?) {
             let Some(&first) = spec.content.as_bytes().first() else {
                 return Err(tokenizer_error(path, format!("added token {id} is empty")));
@@ -251,19 +272,26 @@ impl TextTokenizer {
                 .iter()
                 .find(|(_, c)| **c == text)
                 .map(|(id, _)| *id)
-                .or_else(|| spm.pieces.iter().position(|p| p.piece == text).map(|i| i as u32))
+                .or_else(|| {
+                    spm.pieces
+                        .iter()
+                        .position(|p| p.piece == text)
+                        .map(|i| i as u32)
+                })
         };
-        let (bos_id, eos_id) = (piece_id(config.bos_token.as_ref()), piece_id(config.eos_token.as_ref()));
-        let _ = vocab_size;
+        let (bos_id, eos_id) = (
+            piece_id(config.bos_token.as_ref()),
+            piece_id(config.eos_token.as_ref()),
+        );
         Ok(Self {
-            backend: Backend::SentencePiece(SpmBackend {
+            backend: Backend::SentencePiece(Box::new(SpmBackend {
                 model,
                 with_prefix,
                 without_prefix,
                 prefix_every_segment: config.legacy.unwrap_or(true),
                 add_dummy_prefix: spm.add_dummy_prefix,
                 pieces,
-            }),
+            })),
             added,
             added_by_id,
             bos_id,
@@ -292,7 +320,9 @@ impl TextTokenizer {
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let spm = match &self.backend {
             Backend::Json(t) => {
-                let enc = t.encode(text, add_special).map_err(|e| ModelError::Encode(e.to_string()))?;
+                let enc = t
+                    .encode(text, add_special)
+                    .map_err(|e| ModelError::Encode(e.to_string()))?;
                 return Ok(enc.get_ids().to_vec());
             }
             Backend::SentencePiece(spm) => spm,
@@ -306,10 +336,10 @@ impl TextTokenizer {
         let bytes = text.as_bytes();
         let mut skip_leading_ws = false;
         while pos < bytes.len() {
-            let found = self
-                .added
-                .get(&bytes[pos])
-                .and_then(|list| list.iter().find(|a| text[pos..].starts_with(&a.content) && word_bounded(a, text, pos)));
+            let found = self.added.get(&bytes[pos]).and_then(|list| {
+                list.iter()
+                    .find(|a| text[pos..].starts_with(&a.content) && word_bounded(a, text, pos))
+            });
             let Some(token) = found else {
                 pos += 1;
                 while pos < bytes.len() && !text.is_char_boundary(pos) {
@@ -344,7 +374,11 @@ impl TextTokenizer {
     /// Decodes ids to text; added tokens appear as their text.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let spm = match &self.backend {
-            Backend::Json(t) => return t.decode(ids, false).map_err(|e| ModelError::Encode(e.to_string())),
+            Backend::Json(t) => {
+                return t
+                    .decode(ids, false)
+                    .map_err(|e| ModelError::Encode(e.to_string()))
+            }
             Backend::SentencePiece(spm) => spm,
         };
         let mut out = String::new();
@@ -357,10 +391,12 @@ impl TextTokenizer {
                 segment_is_first = false;
                 continue;
             }
+            // Ids past the tokenizer's vocabulary (a model's padding rows) decode to nothing,
+            // as the fast tokenizers do.
             match spm.pieces.get(id as usize) {
                 Some(PieceText::Text(t)) => bytes.extend_from_slice(t.as_bytes()),
                 Some(PieceText::Byte(b)) => bytes.push(*b),
-                None => return Err(ModelError::TokenOutOfRange { id, vocab_size: spm.pieces.len() }),
+                None => {}
             }
         }
         spm.flush_segment(&mut bytes, &mut out, segment_is_first);
@@ -385,7 +421,10 @@ fn word_bounded(token: &Added, text: &str, pos: usize) -> bool {
     }
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
     let before = text[..pos].chars().next_back().is_some_and(is_word);
-    let after = text[pos + token.content.len()..].chars().next().is_some_and(is_word);
+    let after = text[pos + token.content.len()..]
+        .chars()
+        .next()
+        .is_some_and(is_word);
     !before && !after
 }
 
@@ -464,12 +503,24 @@ fn bpe_from_pieces(spm: &SpmModel) -> std::result::Result<BPE, String> {
         for (split, _) in piece.piece.char_indices().skip(1) {
             let (left, right) = piece.piece.split_at(split);
             if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
-                merges.push((piece.score, id as u32, l, r, left.to_string(), right.to_string()));
+                merges.push((
+                    piece.score,
+                    id as u32,
+                    l,
+                    r,
+                    left.to_string(),
+                    right.to_string(),
+                ));
             }
         }
     }
     // Higher score first; ties keep vocabulary order, then the split's ids.
-    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    merges.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
     let merges = merges.into_iter().map(|m| (m.4, m.5)).collect();
     let unk = spm.pieces[spm.unk_id as usize].piece.clone();
     BPE::builder()
@@ -483,20 +534,28 @@ fn bpe_from_pieces(spm: &SpmModel) -> std::result::Result<BPE, String> {
 
 /// SentencePiece's normalization as `tokenizers` normalizers, with and without the dummy prefix:
 /// the precompiled charsmap, extra-whitespace removal, the `▁` prefix, then `▁` for spaces.
-fn spm_normalizers(spm: &SpmModel) -> std::result::Result<(NormalizerWrapper, NormalizerWrapper), String> {
+fn spm_normalizers(
+    spm: &SpmModel,
+) -> std::result::Result<(NormalizerWrapper, NormalizerWrapper), String> {
     let mut base: Vec<NormalizerWrapper> = Vec::new();
     if !spm.precompiled_charsmap.is_empty() {
-        let precompiled = Precompiled::from(&spm.precompiled_charsmap).map_err(|e| format!("precompiled charsmap: {e}"))?;
+        let precompiled = Precompiled::from(&spm.precompiled_charsmap)
+            .map_err(|e| format!("precompiled charsmap: {e}"))?;
         base.push(precompiled.into());
     }
     if spm.remove_extra_whitespaces {
         base.push(Strip::new(true, true).into());
-        let collapse = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()), " ")
-            .map_err(|e| e.to_string())?;
+        let collapse = Replace::new(
+            tokenizers::normalizers::replace::ReplacePattern::Regex(" {2,}".into()),
+            " ",
+        )
+        .map_err(|e| e.to_string())?;
         base.push(collapse.into());
     }
     let escape: Vec<NormalizerWrapper> = if spm.escape_whitespaces {
-        vec![Replace::new(" ", "\u{2581}").map_err(|e| e.to_string())?.into()]
+        vec![Replace::new(" ", "\u{2581}")
+            .map_err(|e| e.to_string())?
+            .into()]
     } else {
         Vec::new()
     };
@@ -507,7 +566,10 @@ fn spm_normalizers(spm: &SpmModel) -> std::result::Result<(NormalizerWrapper, No
     with_prefix.extend(escape.iter().cloned());
     let mut without_prefix = base;
     without_prefix.extend(escape);
-    Ok((Sequence::new(with_prefix).into(), Sequence::new(without_prefix).into()))
+    Ok((
+        Sequence::new(with_prefix).into(),
+        Sequence::new(without_prefix).into(),
+    ))
 }
 
 /// Incremental detokenization: text is emitted once no later token can change it.
@@ -522,7 +584,9 @@ impl TextStream<'_> {
     /// Adds a token; returns the text that became final, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let before = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let now = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
         // An incomplete UTF-8 sequence decodes to U+FFFD: wait for the bytes that finish it.
         if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
@@ -539,7 +603,9 @@ impl TextStream<'_> {
 
     /// The text not yet emitted (an unfinished character comes out as U+FFFD).
     pub fn finish(&mut self) -> Result<Option<String>> {
-        let before = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let now = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();

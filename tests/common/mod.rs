@@ -83,3 +83,16 @@ pub fn edit_weights(
     edit(&mut tensors);
     candle_core::safetensors::save(&tensors, &path).unwrap();
 }
+
+/// Runs the plait binary; returns (exit code, stdout, stderr).
+pub fn plait(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plait"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
