@@ -41,6 +41,14 @@ pub enum ModelError {
         /// The model types plait runs.
         supported: &'static str,
     },
+    /// A GGUF file is not readable, truncated, or of an unsupported kind.
+    #[error("{}: {message}", path.display())]
+    Gguf {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A safetensors file is truncated or corrupt.
     #[error("{}: not a valid safetensors file: {message}", path.display())]
     Safetensors {

@@ -9,7 +9,8 @@ use candle_nn::ops::{rms_norm, sigmoid, softmax_last_dim};
 use super::cache::{CacheShape, PltCache};
 use super::config::PltConfig;
 use super::error::{ModelError, Result, MAX_LOOPS};
-use super::weights::Checkpoint;
+use super::gguf::GgufWeights;
+use super::weights::{Checkpoint, SafetensorsWeights, WeightSource};
 
 /// Positions prefilled per chunk: bounds the attention score matrix of a long prompt.
 const PREFILL_CHUNK: usize = 512;
@@ -75,37 +76,52 @@ pub struct PltModel {
     config: PltConfig,
     device: Device,
     dtype: DType,
-    embed: Tensor,
+    embed: QMatMul,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     lm_head: QMatMul,
     /// RoPE inverse frequencies, `[head_dim/2]`, in f64 for exact angles.
     inv_freq: Vec<f64>,
+    /// GGUF llama files store q/k rows permuted for interleaved RoPE; rotating adjacent
+    /// pairs on them equals rotate-half on the original rows.
+    rope_interleaved: bool,
 }
 
+/// Gate bias of the identity lift: sigmoid(60) is 1 in f32.
+const IDENTITY_GATE_BIAS: f32 = 60.0;
+
 impl PltModel {
-    /// Loads config.json and the weights of a checkpoint directory onto `device`.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        if !dir.is_dir() {
+    /// Loads a checkpoint directory (config.json + safetensors) or a `.gguf` file onto `device`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if path.is_file() {
+            return Self::from_gguf(&mut GgufWeights::open(path, device)?, device);
+        }
+        if !path.is_dir() {
             return Err(ModelError::NotFound {
-                what: "model directory",
-                path: dir.to_path_buf(),
+                what: "model directory or .gguf file",
+                path: path.to_path_buf(),
             });
         }
-        let config = PltConfig::from_file(&dir.join("config.json"))?;
-        let checkpoint = Checkpoint::open(dir)?;
+        let config = PltConfig::from_file(&path.join("config.json"))?;
         // CPU computes in f32; an accelerator keeps the half-precision weights.
         let dtype = if device.is_cpu() {
             DType::F32
         } else {
             DType::BF16
         };
-        Self::from_checkpoint(config, &checkpoint, device, dtype)
+        let mut checkpoint = SafetensorsWeights::new(Checkpoint::open(path)?, dtype, device);
+        Self::from_source(config, &mut checkpoint, device, dtype)
     }
 
-    fn from_checkpoint(
+    /// Loads the model of an opened GGUF file; quantized matrices stay quantized.
+    pub fn from_gguf(gguf: &mut GgufWeights, device: &Device) -> Result<Self> {
+        let config = gguf.config()?;
+        Self::from_source(config, gguf, device, DType::F32)
+    }
+
+    fn from_source(
         config: PltConfig,
-        ckpt: &Checkpoint,
+        source: &mut dyn WeightSource,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
@@ -116,56 +132,64 @@ impl PltModel {
             c.num_key_value_heads,
             c.head_dim,
         );
-        let load = |name: &str, shape: &[usize]| ckpt.load(name, shape, dtype, device);
-        let matrix = |name: &str, shape: &[usize]| load(name, shape).map(QMatMul::Tensor);
-        let embed = load("model.embed_tokens.weight", &[c.vocab_size, d])?;
-        let lm_head = if c.tie_word_embeddings {
-            QMatMul::Tensor(embed.clone())
+        let embed = source.matrix("model.embed_tokens.weight", &[c.vocab_size, d])?;
+        let lm_head = if c.tie_word_embeddings
+            || (!source.contains("lm_head.weight") && source.ties_missing_head())
+        {
+            embed.clone()
         } else {
-            matrix("lm_head.weight", &[c.vocab_size, d])?
+            source.matrix("lm_head.weight", &[c.vocab_size, d])?
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let gate_name = format!("{p}.self_attn.plt_gate.weight");
-            let plt_gate = if ckpt.shape(&gate_name).is_none() && c.plt_num_loops == 1 {
-                // A checkpoint trained at one loop may carry no gates; it then runs at one loop.
-                None
-            } else if c.plt_gate_use_hidden_states {
-                Some(PltGate::HiddenState {
-                    weight: matrix(&gate_name, &[h, d])?,
-                    bias: load(&format!("{p}.self_attn.plt_gate.bias"), &[h])?,
-                    norm: load(&format!("{p}.self_attn.plt_gate.gate_norm.weight"), &[d])?,
+            let plt_gate = if source.contains(&gate_name) || c.plt_num_loops > 1 {
+                Some(if c.plt_gate_use_hidden_states {
+                    PltGate::HiddenState {
+                        weight: source.matrix(&gate_name, &[h, d])?,
+                        bias: source.tensor(&format!("{p}.self_attn.plt_gate.bias"), &[h])?,
+                        norm: source
+                            .tensor(&format!("{p}.self_attn.plt_gate.gate_norm.weight"), &[d])?,
+                    }
+                } else {
+                    PltGate::Query {
+                        weight: source.tensor(&gate_name, &[h, hd])?,
+                        bias: source.tensor(&format!("{p}.self_attn.plt_gate.bias"), &[h])?,
+                    }
+                })
+            } else if source.lifts_missing_gates() {
+                // The identity lift: a gate saturated to 1 makes every loop >= 1 read only
+                // loop 0's cache, so it reproduces loop 0 while its cost is real.
+                Some(PltGate::Query {
+                    weight: Tensor::zeros((h, hd), dtype, device)?,
+                    bias: Tensor::full(IDENTITY_GATE_BIAS, h, device)?.to_dtype(dtype)?,
                 })
             } else {
-                Some(PltGate::Query {
-                    weight: load(&gate_name, &[h, hd])?,
-                    bias: load(&format!("{p}.self_attn.plt_gate.bias"), &[h])?,
-                })
+                // A checkpoint trained at one loop may carry no gates; it then runs at one loop.
+                None
             };
+            let norm = |source: &mut dyn WeightSource, name: &str| {
+                source.tensor(&format!("{p}.{name}.weight"), &[d])
+            };
+            let matrix = |source: &mut dyn WeightSource, name: &str, shape: &[usize]| {
+                source.matrix(&format!("{p}.{name}.weight"), shape)
+            };
+            let ffn = c.intermediate_size;
             layers.push(DecoderLayer {
-                input_norm: load(&format!("{p}.input_layernorm.weight"), &[d])?,
-                post_attention_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-                q_proj: matrix(&format!("{p}.self_attn.q_proj.weight"), &[h * hd, d])?,
-                k_proj: matrix(&format!("{p}.self_attn.k_proj.weight"), &[kv * hd, d])?,
-                v_proj: matrix(&format!("{p}.self_attn.v_proj.weight"), &[kv * hd, d])?,
-                o_proj: matrix(&format!("{p}.self_attn.o_proj.weight"), &[d, h * hd])?,
-                gate_proj: matrix(
-                    &format!("{p}.mlp.gate_proj.weight"),
-                    &[c.intermediate_size, d],
-                )?,
-                up_proj: matrix(
-                    &format!("{p}.mlp.up_proj.weight"),
-                    &[c.intermediate_size, d],
-                )?,
-                down_proj: matrix(
-                    &format!("{p}.mlp.down_proj.weight"),
-                    &[d, c.intermediate_size],
-                )?,
+                input_norm: norm(source, "input_layernorm")?,
+                post_attention_norm: norm(source, "post_attention_layernorm")?,
+                q_proj: matrix(source, "self_attn.q_proj", &[h * hd, d])?,
+                k_proj: matrix(source, "self_attn.k_proj", &[kv * hd, d])?,
+                v_proj: matrix(source, "self_attn.v_proj", &[kv * hd, d])?,
+                o_proj: matrix(source, "self_attn.o_proj", &[d, h * hd])?,
+                gate_proj: matrix(source, "mlp.gate_proj", &[ffn, d])?,
+                up_proj: matrix(source, "mlp.up_proj", &[ffn, d])?,
+                down_proj: matrix(source, "mlp.down_proj", &[d, ffn])?,
                 plt_gate,
             });
         }
-        let norm = load("model.norm.weight", &[d])?;
+        let norm = source.tensor("model.norm.weight", &[d])?;
         let inv_freq = (0..hd / 2)
             .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64))
             .collect();
@@ -178,6 +202,7 @@ impl PltModel {
             norm,
             lm_head,
             inv_freq,
+            rope_interleaved: source.rope_interleaved(),
         })
     }
 
@@ -441,7 +466,7 @@ impl PltModel {
 
     fn embed_ids(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::new(ids, &self.device)?;
-        Ok(self.embed.index_select(&ids, 0)?)
+        Ok(self.embed.embedding(&ids)?.to_dtype(self.dtype)?)
     }
 
     /// cos and sin `[rows, head_dim/2]` for each row's absolute position.
@@ -536,6 +561,18 @@ impl PltModel {
         ))
     }
 
+    /// RoPE on `[rows, heads, hd]` with each row's `[rows, hd/2]` angles.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (rows, heads, hd) = x.dims3()?;
+        Ok(if self.rope_interleaved {
+            let x = x.reshape((rows, heads, 1, hd))?;
+            let cs = |t: &Tensor| t.reshape((rows, 1, hd / 2));
+            candle_nn::rotary_emb::rope_i(&x, &cs(cos)?, &cs(sin)?)?.reshape((rows, heads, hd))?
+        } else {
+            candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?, cos, sin)?.squeeze(0)?
+        })
+    }
+
     fn layer_forward(
         &self,
         li: usize,
@@ -550,11 +587,11 @@ impl PltModel {
         let rows = h.dim(0)?;
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let x = rms_norm(h, &layer.input_norm, c.rms_norm_eps as f32)?;
-        let q = layer.q_proj.forward(&x)?.reshape((1, rows, heads, hd))?;
-        let k = layer.k_proj.forward(&x)?.reshape((1, rows, kv_heads, hd))?;
+        let q = layer.q_proj.forward(&x)?.reshape((rows, heads, hd))?;
+        let k = layer.k_proj.forward(&x)?.reshape((rows, kv_heads, hd))?;
         let v = layer.v_proj.forward(&x)?.reshape((rows, kv_heads, hd))?;
-        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?.squeeze(0)?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
         let attn = match *step {
             Step::Prefill {
                 loop_idx,

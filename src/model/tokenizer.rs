@@ -197,7 +197,30 @@ impl TextTokenizer {
         })
     }
 
-    fn from_sentencepiece(spm: &SpmModel, config: &TokenizerConfig, path: &Path) -> Result<Self> {
+    /// Wraps a built `tokenizers::Tokenizer`; BOS/EOS, if wanted, come from its post-processor.
+    pub(crate) fn from_tokenizer(
+        tokenizer: Tokenizer,
+        bos_id: Option<u32>,
+        eos_id: Option<u32>,
+    ) -> Self {
+        Self {
+            backend: Backend::Json(Box::new(tokenizer)),
+            added: HashMap::new(),
+            added_by_id: HashMap::new(),
+            bos_id,
+            eos_id,
+            // As for tokenizer.json: `encode` leaves BOS/EOS to the post-processor.
+            add_bos: false,
+            add_eos: false,
+        }
+    }
+
+    /// Builds the SentencePiece backend from a parsed model and the config's added tokens.
+    pub(crate) fn from_sentencepiece(
+        spm: &SpmModel,
+        config: &TokenizerConfig,
+        path: &Path,
+    ) -> Result<Self> {
         let model: ModelWrapper = match spm.model_type {
             SpmModelType::Bpe => bpe_from_pieces(spm)
                 .map_err(|e| tokenizer_error(path, e))?

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QMatMul;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -147,5 +148,58 @@ fn root_message(e: &candle_core::Error) -> String {
         candle_core::Error::WithPath { inner, .. } => root_message(inner),
         candle_core::Error::WithBacktrace { inner, .. } => root_message(inner),
         other => other.to_string(),
+    }
+}
+
+/// Where a model's tensors come from, asked for by their Hugging Face names.
+pub(crate) trait WeightSource {
+    /// A weight matrix `[out, in]`, kept quantized when the source stores it so.
+    fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<QMatMul>;
+    /// A (small) tensor in the compute dtype: norms, biases.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// Whether the source holds a tensor.
+    fn contains(&self, name: &str) -> bool;
+    /// Whether an absent `lm_head.weight` means a head tied to the embedding (GGUF's rule).
+    fn ties_missing_head(&self) -> bool {
+        false
+    }
+    /// Whether absent PLT gates are made identity gates (a non-looped model, lifted).
+    fn lifts_missing_gates(&self) -> bool {
+        false
+    }
+    /// Whether q/k rows are stored permuted for interleaved RoPE.
+    fn rope_interleaved(&self) -> bool {
+        false
+    }
+}
+
+/// A safetensors checkpoint converted to one dtype on one device.
+pub(crate) struct SafetensorsWeights {
+    checkpoint: Checkpoint,
+    dtype: DType,
+    device: Device,
+}
+
+impl SafetensorsWeights {
+    pub(crate) fn new(checkpoint: Checkpoint, dtype: DType, device: &Device) -> Self {
+        Self {
+            checkpoint,
+            dtype,
+            device: device.clone(),
+        }
+    }
+}
+
+impl WeightSource for SafetensorsWeights {
+    fn matrix(&mut self, name: &str, shape: &[usize]) -> Result<QMatMul> {
+        self.tensor(name, shape).map(QMatMul::Tensor)
+    }
+
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.checkpoint.load(name, shape, self.dtype, &self.device)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.checkpoint.shape(name).is_some()
     }
 }
