@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
+use plait::config::DefaultModel;
 use plait::engine::{self, GenerateRequest, Generation};
+use plait::model::{convert_to_gguf, Quant};
 use plait::model::{ChatMessage, LoadedModel, Sampler, SamplingParams, TextTokenizer};
 use serde_json::json;
 
@@ -26,13 +28,55 @@ enum Command {
     Generate(GenerateArgs),
     /// Ask the model a question; the answer streams to stdout.
     Ask(AskArgs),
+    /// Measure prefill and decode speed per loop count, and the kept cache's payoff.
+    Bench(BenchArgs),
+    /// Convert a LoopCoder-V2-layout checkpoint directory to one GGUF file.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Storage type of the weight matrices: q8_0, q4_k, q4_0, f16 or f32.
+    #[arg(long, value_parser = parse_quant)]
+    quant: Quant,
+    /// The checkpoint directory.
+    input: PathBuf,
+    /// The GGUF file to write.
+    output: PathBuf,
+}
+
+fn parse_quant(name: &str) -> std::result::Result<Quant, String> {
+    Quant::parse(name)
+        .ok_or_else(|| format!("unknown quantization `{name}` (q8_0, q4_k, q4_0, f16, f32)"))
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Checkpoint directory or .gguf file; default: the default model.
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Loop counts to measure, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3", value_parser = clap::value_parser!(u8).range(1..=8))]
+    loops: Vec<u8>,
+    /// Prompt length.
+    #[arg(long, default_value_t = 256)]
+    prompt_tokens: usize,
+    /// Tokens to decode.
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Checkpoint directory (config.json + safetensors).
-    #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    /// Checkpoint directory (config.json + safetensors) or .gguf file; default: the default model.
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
     /// Loop count (1..=8); defaults to the checkpoint's plt_num_loops.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
     loops: Option<u8>,
@@ -103,8 +147,8 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct AskArgs {
-    /// Checkpoint directory (config.json + safetensors).
-    #[arg(long, value_name = "DIR")]
+    /// Checkpoint directory or .gguf file; default: the default model.
+    #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     /// Loop count (1..=8); defaults to the checkpoint's plt_num_loops.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
@@ -128,7 +172,17 @@ impl Cli {
             Command::Perplexity(args) => perplexity(args),
             Command::Generate(args) => generate(args),
             Command::Ask(args) => ask(args),
+            Command::Bench(args) => bench(args),
+            Command::Convert(args) => convert(args),
         }
+    }
+}
+
+/// The model to run: the one given, else the installed default model.
+fn model_path(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(path) => Ok(path.to_path_buf()),
+        None => Ok(DefaultModel::manifest()?.installed_path()?),
     }
 }
 
@@ -153,9 +207,10 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 fn perplexity(args: PerplexityArgs) -> Result<()> {
-    let (loaded, loops) = load(&args.model.model, args.model.loops)?;
+    let dir = model_path(args.model.model.as_deref())?;
+    let (loaded, loops) = load(&dir, args.model.loops)?;
     let ids = match &args.file {
-        Some(file) => tokenizer(&loaded, &args.model.model)?.encode(&read_text(file)?, true)?,
+        Some(file) => tokenizer(&loaded, &dir)?.encode(&read_text(file)?, true)?,
         None => args.ids,
     };
     let score = engine::score(&loaded.model, &ids, loops)?;
@@ -290,7 +345,7 @@ fn summary(out: &Generation, loops: usize, trained: usize) -> String {
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
-    let dir = &args.model.model;
+    let dir = &model_path(args.model.model.as_deref())?;
     let (loaded, loops) = load(dir, args.model.loops)?;
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => Some(p.clone()),
@@ -325,9 +380,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn ask(args: AskArgs) -> Result<()> {
-    let Some(dir) = args.model.as_deref() else {
-        bail!("no model given: pass --model DIR (a LoopCoder-V2-layout checkpoint directory)");
-    };
+    let dir = &model_path(args.model.as_deref())?;
     let (loaded, loops) = load(dir, args.loops)?;
     let tok = tokenizer(&loaded, dir)?;
     let mut messages = Vec::new();
@@ -353,6 +406,120 @@ fn ask(args: AskArgs) -> Result<()> {
     eprintln!(
         "{}",
         summary(&out, loops, loaded.model.config().plt_num_loops)
+    );
+    Ok(())
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    if let Some(threads) = args.threads {
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle's CPU kernels size their thread pools from this variable on first use;
+        // nothing has used them yet at this point.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let path = model_path(args.model.as_deref())?;
+    let (loaded, _) = load(&path, None)?;
+    let model = &loaded.model;
+    let mut results = Vec::new();
+    for &loops in &args.loops {
+        results.push(engine::bench_loops(
+            model,
+            usize::from(loops),
+            args.prompt_tokens,
+            args.gen_tokens,
+        )?);
+    }
+    let followup_loops = args
+        .loops
+        .first()
+        .map_or(model.config().plt_num_loops, |&l| usize::from(l));
+    let followup = engine::bench_followup(model, followup_loops, 512, 32)?;
+    if args.json {
+        let results: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                json!({
+                    "loops": r.loops,
+                    "prompt_tokens": r.prompt_tokens,
+                    "gen_tokens": r.gen_tokens,
+                    "prefill_tok_s": r.prefill_tok_s,
+                    "decode_tok_s": r.decode_tok_s,
+                    "ttft_ms": r.ttft_ms,
+                    "token_ms_p50": r.token_ms_p50,
+                    "token_ms_p90": r.token_ms_p90,
+                    "kv_bytes": r.kv_bytes,
+                })
+            })
+            .collect();
+        let out = json!({
+            "model": path.display().to_string(),
+            "threads": threads,
+            "results": results,
+            "followup": {
+                "context_tokens": followup.context_tokens,
+                "new_tokens": followup.new_tokens,
+                "ttft_cached_ms": followup.ttft_cached_ms,
+                "ttft_uncached_ms": followup.ttft_uncached_ms,
+            },
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!("model {} ({threads} threads)", path.display());
+    println!(
+        "{:>5} {:>7} {:>5} {:>12} {:>11} {:>9} {:>8} {:>8} {:>10}",
+        "loops",
+        "prompt",
+        "gen",
+        "prefill t/s",
+        "decode t/s",
+        "ttft ms",
+        "p50 ms",
+        "p90 ms",
+        "kv bytes"
+    );
+    for r in &results {
+        println!(
+            "{:>5} {:>7} {:>5} {:>12.1} {:>11.1} {:>9.1} {:>8.2} {:>8.2} {:>10}",
+            r.loops,
+            r.prompt_tokens,
+            r.gen_tokens,
+            r.prefill_tok_s,
+            r.decode_tok_s,
+            r.ttft_ms,
+            r.token_ms_p50,
+            r.token_ms_p90,
+            r.kv_bytes
+        );
+    }
+    println!(
+        "follow-up of {} tokens after {}: TTFT {:.1} ms with the kept cache, {:.1} ms cold",
+        followup.new_tokens,
+        followup.context_tokens,
+        followup.ttft_cached_ms,
+        followup.ttft_uncached_ms
+    );
+    Ok(())
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let summary = convert_to_gguf(&args.input, &args.output, args.quant)
+        .with_context(|| format!("cannot convert {}", args.input.display()))?;
+    for fallback in &summary.fallbacks {
+        eprintln!("note: {fallback}: width not a multiple of the block size");
+    }
+    eprintln!(
+        "wrote {} ({} tensors, {:.1} MB) in {:.1} s",
+        args.output.display(),
+        summary.tensors,
+        summary.bytes as f64 / 1e6,
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }

@@ -1,4 +1,5 @@
 //! plait: a terminal coding assistant that runs Parallel Loop Transformer models locally.
 
+pub mod config;
 pub mod engine;
 pub mod model;

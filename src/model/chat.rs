@@ -45,21 +45,12 @@ impl ChatTemplate {
     /// `chat_template` (a string, or a list of named ones: "default" or the first);
     /// ChatML when there is none (logged once, here).
     pub fn from_dir(dir: &Path, config: &TokenizerConfig) -> Result<Self> {
-        let file = dir.join("chat_template.jinja");
-        let (source, text) = if file.is_file() {
-            let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io {
-                path: file.clone(),
-                source,
-            })?;
-            (file.display().to_string(), text)
-        } else if let Some(text) = template_from_config(config, dir)? {
-            (
-                dir.join("tokenizer_config.json").display().to_string(),
-                text,
-            )
-        } else {
-            tracing::warn!("{} has no chat template; using ChatML", dir.display());
-            ("ChatML (built in)".to_string(), CHATML_TEMPLATE.to_string())
+        let (source, text) = match Self::find(dir, config)? {
+            Some(found) => found,
+            None => {
+                tracing::warn!("{} has no chat template; using ChatML", dir.display());
+                ("ChatML (built in)".to_string(), CHATML_TEMPLATE.to_string())
+            }
         };
         Self::new(
             &source,
@@ -67,6 +58,30 @@ impl ChatTemplate {
             TokenizerConfig::token_text(config.bos_token.as_ref()).unwrap_or_default(),
             TokenizerConfig::token_text(config.eos_token.as_ref()).unwrap_or_default(),
         )
+    }
+
+    /// The template text a checkpoint directory ships, if any.
+    pub fn source_text(dir: &Path, config: &TokenizerConfig) -> Result<Option<String>> {
+        Ok(Self::find(dir, config)?.map(|(_, text)| text))
+    }
+
+    /// (where it came from, text) of the directory's template.
+    fn find(dir: &Path, config: &TokenizerConfig) -> Result<Option<(String, String)>> {
+        let file = dir.join("chat_template.jinja");
+        if file.is_file() {
+            let text = std::fs::read_to_string(&file).map_err(|source| ModelError::Io {
+                path: file.clone(),
+                source,
+            })?;
+            return Ok(Some((file.display().to_string(), text)));
+        }
+        let from_config = template_from_config(config, dir)?;
+        Ok(from_config.map(|text| {
+            (
+                dir.join("tokenizer_config.json").display().to_string(),
+                text,
+            )
+        }))
     }
 
     /// Compiles a template; `source` names it in errors.

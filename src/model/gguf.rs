@@ -230,6 +230,18 @@ impl GgufWeights {
             .unwrap_or(hidden_size / heads);
         let plt = self.is_plt();
         let eos = self.usize_key("tokenizer.ggml.eos_token_id")?;
+        // plait's converter records every stop id of the checkpoint (config and generation config).
+        let stop_ids = match self.value("plt.stop_token_ids") {
+            None => eos.map(|e| vec![e as u32]).unwrap_or_default(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .map(|v| {
+                    v.to_u32()
+                        .map_err(|_| self.wrong_type("plt.stop_token_ids", "a list of u32"))
+                })
+                .collect::<Result<Vec<u32>>>()?,
+            Some(_) => return Err(self.wrong_type("plt.stop_token_ids", "a list of u32")),
+        };
         let bos = self.usize_key("tokenizer.ggml.bos_token_id")?;
         Ok(PltConfig {
             hidden_size,
@@ -250,7 +262,7 @@ impl GgufWeights {
                 .unwrap_or(1e-5),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             bos_token_id: bos.map(|b| b as u32),
-            eos_token_ids: eos.map(|e| vec![e as u32]).unwrap_or_default(),
+            eos_token_ids: stop_ids,
             plt_num_loops: if plt {
                 self.required("plt.num_loops")?
             } else {
