@@ -6,18 +6,41 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
-use plait::config::DefaultModel;
-use plait::engine::{self, GenerateRequest, Generation};
+use plait::config::{AppConfig, DefaultModel};
+use plait::engine::EngineOptions;
+use plait::engine::{self, GenerateRequest, Generation, StepControl};
 use plait::model::{convert_to_gguf, Quant};
 use plait::model::{ChatMessage, LoadedModel, Sampler, SamplingParams, TextTokenizer};
+use plait::tui::app::Settings;
+use plait::tui::TuiOptions;
 use serde_json::json;
 
 /// plait: a local coding assistant for Parallel Loop Transformer models.
+///
+/// With no command, plait opens its terminal UI in the current directory.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    tui: TuiArgs,
+}
+
+#[derive(Args)]
+struct TuiArgs {
+    /// Checkpoint directory or .gguf file (default: config.toml's `model`, else the default model).
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Loop count to start with (1..=8).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
+    loops: Option<u8>,
+    /// Override a config.toml key, e.g. `-c sampling.temperature=0.7` (repeatable).
+    #[arg(short = 'c', value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Read this config file instead of the user's config.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -166,9 +189,17 @@ struct AskArgs {
 }
 
 impl Cli {
-    /// Runs the chosen command.
+    /// Whether this invocation opens the terminal UI (logs must then go to a file).
+    pub fn is_tui(&self) -> bool {
+        self.command.is_none()
+    }
+
+    /// Runs the chosen command, or the TUI.
     pub fn run(self) -> Result<()> {
-        match self.command {
+        let Some(command) = self.command else {
+            return tui(self.tui);
+        };
+        match command {
             Command::Perplexity(args) => perplexity(args),
             Command::Generate(args) => generate(args),
             Command::Ask(args) => ask(args),
@@ -278,22 +309,29 @@ fn run_generation(
         _ => None,
     };
     let mut failure = None;
-    let out = engine::generate(&loaded.model, &mut cache, &mut sampler, &request, |id| {
+    let mut observer = |id| {
         let (Some(stream), Some(on_text)) = (stream.as_mut(), on_text.as_mut()) else {
-            return true;
+            return StepControl::Continue;
         };
         let step = stream
             .push(id)
             .map_err(anyhow::Error::from)
             .and_then(|chunk| chunk.map_or(Ok(()), |c| on_text(&c)));
         match step {
-            Ok(()) => true,
+            Ok(()) => StepControl::Continue,
             Err(e) => {
                 failure = Some(e);
-                false
+                StepControl::Stop
             }
         }
-    })?;
+    };
+    let out = engine::generate(
+        &loaded.model,
+        &mut cache,
+        &mut sampler,
+        &request,
+        &mut observer,
+    )?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -521,5 +559,28 @@ fn convert(args: ConvertArgs) -> Result<()> {
         summary.bytes as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn tui(args: TuiArgs) -> Result<()> {
+    let config = AppConfig::load(args.config.as_deref(), &args.overrides)?;
+    if let Some(threads) = config.threads {
+        // candle's CPU kernels size their thread pools from this on first use, which is later.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let model = model_path(args.model.as_deref().or(config.model.as_deref()))?;
+    let options = TuiOptions {
+        engine: EngineOptions {
+            model,
+            loops: args.loops.map(usize::from).or(config.loops),
+        },
+        settings: Settings {
+            sampling: config.sampling.params(),
+            max_tokens: config.max_tokens,
+            system_prompt: config.system_prompt.clone(),
+        },
+        color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+    };
+    plait::tui::run(options)?;
     Ok(())
 }

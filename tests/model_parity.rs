@@ -41,7 +41,7 @@ fn full_forward_matches_the_oracle_at_every_loop_count() {
 
 #[test]
 fn nll_and_greedy_ids_match_the_oracle() {
-    use plait::engine::{self, GenerateRequest};
+    use plait::engine::{self, GenerateRequest, StepControl};
     use plait::model::{Sampler, SamplingParams};
     for name in FIXTURES {
         let model = load(name);
@@ -65,8 +65,10 @@ fn nll_and_greedy_ids_match_the_oracle() {
                 max_tokens: 12,
                 stop_ids: &[],
             };
-            let out =
-                engine::generate(&model, &mut cache, &mut sampler, &request, |_| true).unwrap();
+            let out = engine::generate(&model, &mut cache, &mut sampler, &request, &mut |_| {
+                StepControl::Continue
+            })
+            .unwrap();
             assert_eq!(
                 out.ids,
                 ids(&want["greedy_from_prompt"]),
@@ -125,7 +127,7 @@ fn fresh_logits(model: &PltModel, seq: &[u32], loops: usize) -> Vec<Vec<f32>> {
 
 #[test]
 fn a_new_turn_computes_only_its_new_tokens_and_truncation_matches_a_fresh_run() {
-    use plait::engine::{self, GenerateRequest};
+    use plait::engine::{self, GenerateRequest, StepControl};
     use plait::model::{Sampler, SamplingParams};
     for name in FIXTURES {
         let model = load(name);
@@ -139,13 +141,18 @@ fn a_new_turn_computes_only_its_new_tokens_and_truncation_matches_a_fresh_run() 
             max_tokens: 6,
             stop_ids: &[],
         };
-        let turn1 = engine::generate(&model, &mut cache, &mut sampler, &request, |_| true).unwrap();
+        let turn1 = engine::generate(&model, &mut cache, &mut sampler, &request, &mut |_| {
+            StepControl::Continue
+        })
+        .unwrap();
         assert_eq!(turn1.metrics.prefill_tokens, a.len());
         // The last sampled token has not been through the model yet; everything before it is cached.
         assert_eq!(cache.len(), a.len() + turn1.ids.len() - 1);
         let whole: Vec<u32> = [a, &turn1.ids, b].concat();
         let before = cache.computed_positions();
-        let (last, reused) = model.prefill_reusing(&mut cache, &whole).unwrap();
+        let (last, reused) = model
+            .prefill_reusing(&mut cache, &whole, &mut |_, _| {})
+            .unwrap();
         assert_eq!(reused, a.len() + turn1.ids.len() - 1);
         assert_eq!(cache.computed_positions() - before, (b.len() + 1) as u64);
         let fresh = fresh_logits(&model, &whole, loops);

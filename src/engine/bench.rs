@@ -131,7 +131,7 @@ pub fn bench_followup(
     let mut sampler = Sampler::new(SamplingParams::default());
     let mut time_to_first = |cache: &mut crate::model::PltCache| -> Result<f64> {
         let started = Instant::now();
-        let (logits, _) = model.prefill_reusing(cache, &whole)?;
+        let (logits, _) = model.prefill_reusing(cache, &whole, &mut |_, _| {})?;
         sampler.sample(&logits.to_vec1::<f32>()?, &[]);
         Ok(ms(started.elapsed()))
     };

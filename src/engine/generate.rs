@@ -49,16 +49,44 @@ pub struct Generation {
     pub metrics: GenerationMetrics,
 }
 
-/// Continues `request.prompt` in `cache`; `on_token` sees each token and returns false to cancel.
+/// What the caller wants after a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepControl {
+    /// Go on.
+    Continue,
+    /// Stop here (cancelled).
+    Stop,
+    /// Go on with this many loops from the next decode step.
+    SetLoops(usize),
+}
+
+/// Sees a generation as it happens.
+pub trait GenerationObserver {
+    /// `done` of `total` prompt positions computed.
+    fn prefill_progress(&mut self, _done: usize, _total: usize) {}
+    /// A token was generated; the answer says how to go on.
+    fn token(&mut self, id: u32) -> StepControl;
+}
+
+impl<F: FnMut(u32) -> StepControl> GenerationObserver for F {
+    fn token(&mut self, id: u32) -> StepControl {
+        self(id)
+    }
+}
+
+/// Continues `request.prompt` in `cache`, reporting to `observer`.
 pub fn generate(
     model: &PltModel,
     cache: &mut PltCache,
     sampler: &mut Sampler,
     request: &GenerateRequest<'_>,
-    mut on_token: impl FnMut(u32) -> bool,
+    observer: &mut dyn GenerationObserver,
 ) -> Result<Generation> {
     let started = Instant::now();
-    let (mut logits, reused) = model.prefill_reusing(cache, request.prompt)?;
+    let (mut logits, reused) =
+        model.prefill_reusing(cache, request.prompt, &mut |done, total| {
+            observer.prefill_progress(done, total)
+        })?;
     let mut metrics = GenerationMetrics {
         prefill_tokens: request.prompt.len() - reused,
         reused_tokens: reused,
@@ -83,8 +111,10 @@ pub fn generate(
         }
         ids.push(next);
         history.push(next);
-        if !on_token(next) {
-            break StopReason::Cancelled;
+        match observer.token(next) {
+            StepControl::Continue => {}
+            StepControl::Stop => break StopReason::Cancelled,
+            StepControl::SetLoops(loops) => model.set_loops(cache, loops)?,
         }
         if ids.len() == request.max_tokens {
             break StopReason::MaxTokens;

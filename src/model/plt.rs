@@ -206,6 +206,46 @@ impl PltModel {
         })
     }
 
+    /// Number of weights (matrices, norms and gates).
+    pub fn parameter_count(&self) -> u64 {
+        let matrices = self.layers.iter().flat_map(|l| {
+            [
+                &l.q_proj,
+                &l.k_proj,
+                &l.v_proj,
+                &l.o_proj,
+                &l.gate_proj,
+                &l.up_proj,
+                &l.down_proj,
+            ]
+        });
+        let vectors = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.input_norm, &l.post_attention_norm]);
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            matrix_elems(&self.lm_head)
+        };
+        (matrices.map(matrix_elems).sum::<usize>()
+            + vectors.map(Tensor::elem_count).sum::<usize>()
+            + matrix_elems(&self.embed)
+            + head
+            + self.norm.elem_count()) as u64
+    }
+
+    /// How the layers' weight matrices are stored ("F32", "Q4_1", ...).
+    pub fn weight_storage(&self) -> String {
+        match self.layers.first().map(|l| &l.q_proj) {
+            Some(QMatMul::QTensor(t)) => format!("{:?}", t.dtype()),
+            Some(QMatMul::Tensor(t)) | Some(QMatMul::TensorF16(t)) => {
+                t.dtype().as_str().to_uppercase()
+            }
+            None => "none".into(),
+        }
+    }
+
     /// The checkpoint's configuration.
     pub fn config(&self) -> &PltConfig {
         &self.config
@@ -242,11 +282,16 @@ impl PltModel {
     }
 
     fn check_ids(&self, cache: &PltCache, ids: &[u32]) -> Result<()> {
+        self.check_ids_at(cache.len(), ids)
+    }
+
+    /// Checks ids that would follow `start` cached positions.
+    fn check_ids_at(&self, start: usize, ids: &[u32]) -> Result<()> {
         let vocab_size = self.config.vocab_size;
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
             return Err(ModelError::TokenOutOfRange { id, vocab_size });
         }
-        let len = cache.len() + ids.len();
+        let len = start + ids.len();
         if len > self.config.max_position_embeddings {
             return Err(ModelError::ContextOverflow {
                 len,
@@ -436,8 +481,14 @@ impl PltModel {
     }
 
     /// Reuses the longest cached prefix of `tokens`, computes the rest, and returns the
-    /// last position's logits together with the number of positions reused.
-    pub fn prefill_reusing(&self, cache: &mut PltCache, tokens: &[u32]) -> Result<(Tensor, usize)> {
+    /// last position's logits together with the number of positions reused;
+    /// `progress(done, total)` follows the computed positions chunk by chunk.
+    pub fn prefill_reusing(
+        &self,
+        cache: &mut PltCache,
+        tokens: &[u32],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Tensor, usize)> {
         let common = cache
             .tokens
             .iter()
@@ -446,11 +497,17 @@ impl PltModel {
             .count();
         // The last token is always run again: its logits are not kept.
         let keep = common.min(tokens.len().saturating_sub(1));
+        let rest = &tokens[keep..];
+        self.check_ids_at(keep, rest)?;
         self.truncate(cache, keep)?;
-        let logits = self
-            .prefill(cache, &tokens[keep..], Logits::Last)?
-            .ok_or(ModelError::EmptyInput)?;
-        Ok((logits, keep))
+        let mut logits = None;
+        let mut done = 0;
+        for chunk in rest.chunks(PREFILL_CHUNK) {
+            logits = self.prefill(cache, chunk, Logits::Last)?;
+            done += chunk.len();
+            progress(done, rest.len());
+        }
+        Ok((logits.ok_or(ModelError::EmptyInput)?, keep))
     }
 
     fn carry_row(&self, cache: &PltCache, loop_idx: usize) -> Result<Tensor> {
@@ -684,6 +741,13 @@ impl DecoderLayer {
             None => return Err(ModelError::NoPltGates(2)),
         };
         Ok(sigmoid(&logits)?)
+    }
+}
+
+fn matrix_elems(m: &QMatMul) -> usize {
+    match m {
+        QMatMul::QTensor(t) => t.shape().elem_count(),
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count(),
     }
 }
 

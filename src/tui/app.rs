@@ -1,0 +1,1041 @@
+//! The TUI's state and its update: a plain function of (state, event) returning effects.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
+
+use crate::engine::{Event as EngineEvent, ModelInfo, Request, StopReason, TurnStats};
+use crate::model::{ChatMessage, SamplingParams, MAX_LOOPS};
+
+/// Token latencies kept for the sparkline.
+pub const SPARKLINE_LEN: usize = 40;
+
+/// Lines a mouse wheel notch scrolls.
+const WHEEL_LINES: usize = 3;
+
+/// The slash commands, with their one-line help.
+pub const COMMANDS: &[(&str, &str)] = &[
+    ("/help", "show keys and commands"),
+    ("/loops N", "run with N loops (1..=8)"),
+    ("/clear", "start a new conversation (resets the cache)"),
+    ("/add PATH", "put a file's contents in the context"),
+    ("/drop PATH", "take a file out of the context"),
+    ("/files", "list the files in the context"),
+    ("/model", "show the model's path, size and settings"),
+    ("/save FILE", "save the transcript as markdown"),
+    ("/quit", "leave plait"),
+];
+
+/// The keys, with what they do (the help overlay lists these).
+pub const KEYS: &[(&str, &str)] = &[
+    ("Enter", "send the message (or run the /command)"),
+    ("Alt+Enter, Ctrl+J", "new line in the message"),
+    ("Up / Down", "recall earlier messages (empty input)"),
+    ("Alt+Up, F3", "one more loop (up to 8), from the next token"),
+    ("Alt+Down, F2", "one loop fewer (down to 1)"),
+    ("Esc", "cancel the answer / close this help"),
+    ("Ctrl+C", "cancel; when idle, press twice to quit"),
+    ("PgUp / PgDn", "scroll the chat"),
+    ("Home / End", "top / bottom of the chat (empty input)"),
+    ("Mouse wheel", "scroll the chat"),
+    ("Tab", "next focus: input, chat; completes a /command"),
+    ("F1, ?", "this help (? in an empty input)"),
+];
+
+/// Who a chat cell is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The user's message.
+    User,
+    /// The model's answer.
+    Assistant,
+    /// A message from plait itself (command output, errors).
+    Notice,
+}
+
+/// Where an answer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellStatus {
+    /// Still streaming.
+    Streaming,
+    /// Complete.
+    Done,
+    /// Cancelled by the user; the text so far stays.
+    Cancelled,
+    /// Ended by an error.
+    Failed,
+}
+
+/// One entry of the chat history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cell {
+    /// Who it is from.
+    pub role: Role,
+    /// Its text (markdown for answers).
+    pub text: String,
+    /// Where it stands.
+    pub status: CellStatus,
+}
+
+impl Cell {
+    fn new(role: Role, text: impl Into<String>) -> Self {
+        Self {
+            role,
+            text: text.into(),
+            status: CellStatus::Done,
+        }
+    }
+}
+
+/// What the engine is doing, as the status line shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineState {
+    /// Loading the model (fraction done).
+    Loading(f32),
+    /// Loading failed.
+    Failed,
+    /// Ready.
+    Idle,
+    /// Computing the prompt (fraction done).
+    Prefill(f32),
+    /// Streaming an answer.
+    Generating,
+}
+
+/// Which part of the screen takes keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Focus {
+    /// The message box.
+    Input,
+    /// The chat history (keys scroll it).
+    Chat,
+}
+
+/// The live figures of the status line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Readout {
+    /// Model name.
+    pub model: String,
+    /// Loop count in use.
+    pub loops: usize,
+    /// Loop count the checkpoint was trained with.
+    pub trained_loops: usize,
+    /// Engine state.
+    pub state: EngineState,
+    /// Time to first token of the current or last answer.
+    pub ttft: Option<Duration>,
+    /// Decode speed of the current or last answer.
+    pub tok_s: Option<f64>,
+    /// The last token latencies, oldest first.
+    pub latencies: VecDeque<Duration>,
+    /// Positions in the cache.
+    pub context_used: usize,
+    /// Model context size.
+    pub context_size: usize,
+    /// Prompt positions served from the kept cache on the last turn.
+    pub cached_tokens: usize,
+    /// Tokens of the current answer and their summed latency (for the live speed).
+    turn_tokens: usize,
+    turn_decode_time: Duration,
+}
+
+/// Settings a request carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Most tokens per answer.
+    pub max_tokens: usize,
+    /// System prompt, if any.
+    pub system_prompt: Option<String>,
+}
+
+/// Everything the screen shows.
+#[derive(Debug, Clone)]
+pub struct App {
+    /// The conversation and notices.
+    pub cells: Vec<Cell>,
+    /// The message being typed.
+    pub input: String,
+    /// Cursor position in `input` (byte index at a char boundary).
+    pub cursor: usize,
+    /// Messages sent, oldest first (for Up/Down recall).
+    pub sent: Vec<String>,
+    recall: Option<usize>,
+    /// Lines scrolled up from the bottom of the chat; 0 follows new text.
+    pub scroll_from_bottom: usize,
+    /// Height of the chat pane in lines (set by the renderer, used for paging).
+    pub chat_height: usize,
+    /// Which part takes keys.
+    pub focus: Focus,
+    /// Whether the help overlay is open.
+    pub help: bool,
+    /// Whether one Ctrl+C was pressed while idle.
+    pub quit_armed: bool,
+    /// The status line's figures.
+    pub readout: Readout,
+    /// Facts about the loaded model.
+    pub model_info: Option<ModelInfo>,
+    /// Files whose contents go into the context, with their text.
+    pub files: Vec<(PathBuf, String)>,
+    /// Request settings.
+    pub settings: Settings,
+    /// Whether colours are allowed (NO_COLOR unset).
+    pub color: bool,
+    /// KV bytes after the last turn.
+    pub kv_bytes: usize,
+}
+
+/// What happened: a key, paste, mouse wheel, resize, an engine event, or a file read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppEvent {
+    /// A key press.
+    Key(KeyEvent),
+    /// Bracketed paste.
+    Paste(String),
+    /// Mouse wheel: positive scrolls up.
+    Wheel(i32),
+    /// The engine reported something.
+    Engine(EngineEvent),
+    /// A file asked for by `/add` was read.
+    FileRead {
+        /// The path as given.
+        path: PathBuf,
+        /// Its text, or the error.
+        result: Result<String, String>,
+    },
+    /// A transcript was saved (or not).
+    Saved(Result<PathBuf, String>),
+}
+
+/// What the runtime must do after an update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Send a request to the engine.
+    Send(Request),
+    /// Read a file, then report `AppEvent::FileRead`.
+    ReadFile(PathBuf),
+    /// Write the transcript, then report `AppEvent::Saved`.
+    Save {
+        /// Where.
+        path: PathBuf,
+        /// The markdown.
+        text: String,
+    },
+    /// Leave.
+    Quit,
+}
+
+impl App {
+    /// A fresh session for `model` (name shown while it loads).
+    pub fn new(model: &str, settings: Settings, color: bool) -> Self {
+        Self {
+            cells: Vec::new(),
+            input: String::new(),
+            cursor: 0,
+            sent: Vec::new(),
+            recall: None,
+            scroll_from_bottom: 0,
+            chat_height: 10,
+            focus: Focus::Input,
+            help: false,
+            quit_armed: false,
+            readout: Readout {
+                model: model.to_string(),
+                loops: 1,
+                trained_loops: 1,
+                state: EngineState::Loading(0.0),
+                ttft: None,
+                tok_s: None,
+                latencies: VecDeque::new(),
+                context_used: 0,
+                context_size: 0,
+                cached_tokens: 0,
+                turn_tokens: 0,
+                turn_decode_time: Duration::ZERO,
+            },
+            model_info: None,
+            files: Vec::new(),
+            settings,
+            color,
+            kv_bytes: 0,
+        }
+    }
+
+    /// Whether an answer is being computed.
+    pub fn busy(&self) -> bool {
+        matches!(
+            self.readout.state,
+            EngineState::Prefill(_) | EngineState::Generating
+        )
+    }
+
+    fn notice(&mut self, text: impl Into<String>) {
+        self.cells.push(Cell::new(Role::Notice, text));
+    }
+
+    /// The slash commands that match what is typed, when the input is a command name.
+    pub fn completions(&self) -> Vec<&'static (&'static str, &'static str)> {
+        if !self.input.starts_with('/') || self.input.contains(char::is_whitespace) {
+            return Vec::new();
+        }
+        COMMANDS
+            .iter()
+            .filter(|(name, _)| name.starts_with(self.input.as_str()))
+            .collect()
+    }
+
+    /// The conversation as the engine sees it: system prompt and context files first.
+    pub fn messages(&self) -> Vec<ChatMessage> {
+        let mut system = self.settings.system_prompt.clone().unwrap_or_default();
+        if !self.files.is_empty() {
+            if !system.is_empty() {
+                system.push_str("\n\n");
+            }
+            system.push_str("Files in the conversation:\n");
+            for (path, text) in &self.files {
+                system.push_str(&format!(
+                    "\n{}\n```\n{}\n```\n",
+                    path.display(),
+                    text.trim_end()
+                ));
+            }
+        }
+        let mut messages = Vec::new();
+        if !system.is_empty() {
+            messages.push(ChatMessage::new("system", system));
+        }
+        for cell in &self.cells {
+            match cell.role {
+                Role::User => messages.push(ChatMessage::new("user", cell.text.as_str())),
+                Role::Assistant => messages.push(ChatMessage::new("assistant", cell.text.as_str())),
+                Role::Notice => {}
+            }
+        }
+        messages
+    }
+
+    /// The transcript as markdown.
+    pub fn transcript(&self) -> String {
+        let mut out = String::from("# plait transcript\n");
+        for cell in &self.cells {
+            let who = match cell.role {
+                Role::User => "You",
+                Role::Assistant => "plait",
+                Role::Notice => continue,
+            };
+            out.push_str(&format!("\n## {who}\n\n{}\n", cell.text.trim_end()));
+            if cell.status == CellStatus::Cancelled {
+                out.push_str("\n*(cancelled)*\n");
+            }
+        }
+        out
+    }
+}
+
+/// Applies one event to the state; returns what the runtime must do.
+pub fn update(app: &mut App, event: AppEvent) -> Vec<Effect> {
+    match event {
+        AppEvent::Key(key) if key.kind != KeyEventKind::Release => on_key(app, key),
+        AppEvent::Key(_) => Vec::new(),
+        AppEvent::Paste(text) => {
+            let text = text.replace("\r\n", "\n").replace('\r', "\n");
+            app.input.insert_str(app.cursor, &text);
+            app.cursor += text.len();
+            Vec::new()
+        }
+        AppEvent::Wheel(lines) => {
+            scroll(app, lines.saturating_mul(WHEEL_LINES as i32));
+            Vec::new()
+        }
+        AppEvent::Engine(event) => {
+            on_engine(app, event);
+            Vec::new()
+        }
+        AppEvent::FileRead { path, result } => {
+            match result {
+                Ok(text) => {
+                    let lines = text.lines().count();
+                    app.files.retain(|(p, _)| p != &path);
+                    app.files.push((path.clone(), text));
+                    app.notice(format!(
+                        "added {} ({lines} lines) to the context",
+                        path.display()
+                    ));
+                }
+                Err(e) => app.notice(format!("cannot add {}: {e}", path.display())),
+            }
+            Vec::new()
+        }
+        AppEvent::Saved(result) => {
+            match result {
+                Ok(path) => app.notice(format!("saved the transcript to {}", path.display())),
+                Err(e) => app.notice(format!("cannot save the transcript: {e}")),
+            }
+            Vec::new()
+        }
+    }
+}
+
+fn scroll(app: &mut App, up: i32) {
+    if up >= 0 {
+        app.scroll_from_bottom = app.scroll_from_bottom.saturating_add(up as usize);
+    } else {
+        app.scroll_from_bottom = app
+            .scroll_from_bottom
+            .saturating_sub(up.unsigned_abs() as usize);
+    }
+}
+
+fn change_loops(app: &mut App, delta: i32) -> Vec<Effect> {
+    let next = (app.readout.loops as i32 + delta).clamp(1, MAX_LOOPS as i32) as usize;
+    if next == app.readout.loops || app.model_info.is_none() {
+        return Vec::new();
+    }
+    app.readout.loops = next;
+    vec![Effect::Send(Request::SetLoops(next))]
+}
+
+fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
+    let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+    let alt = key.modifiers.contains(KeyModifiers::ALT);
+    if !(ctrl && key.code == KeyCode::Char('c')) {
+        app.quit_armed = false;
+    }
+    if app.help {
+        // Any key closes the help; F1/Esc/? only close it.
+        app.help = false;
+        if matches!(key.code, KeyCode::Esc | KeyCode::F(1) | KeyCode::Char('?')) {
+            return Vec::new();
+        }
+    }
+    match key.code {
+        KeyCode::Char('c') if ctrl => {
+            if app.busy() {
+                return vec![Effect::Send(Request::Cancel)];
+            }
+            if app.quit_armed {
+                return vec![Effect::Quit];
+            }
+            app.quit_armed = true;
+            app.notice("press Ctrl+C again to quit");
+            Vec::new()
+        }
+        KeyCode::Esc => {
+            if app.busy() {
+                vec![Effect::Send(Request::Cancel)]
+            } else {
+                Vec::new()
+            }
+        }
+        KeyCode::Up if alt => change_loops(app, 1),
+        KeyCode::Down if alt => change_loops(app, -1),
+        KeyCode::F(3) => change_loops(app, 1),
+        KeyCode::F(2) => change_loops(app, -1),
+        KeyCode::F(1) => {
+            app.help = true;
+            Vec::new()
+        }
+        KeyCode::PageUp => {
+            scroll(app, app.chat_height.max(2) as i32 - 1);
+            Vec::new()
+        }
+        KeyCode::PageDown => {
+            scroll(app, -(app.chat_height.max(2) as i32 - 1));
+            Vec::new()
+        }
+        KeyCode::Tab => {
+            if let Some((name, _)) = app.completions().first() {
+                let command = name.split(' ').next().unwrap_or(name);
+                app.input = format!("{command} ");
+                app.cursor = app.input.len();
+            } else {
+                app.focus = match app.focus {
+                    Focus::Input => Focus::Chat,
+                    Focus::Chat => Focus::Input,
+                };
+            }
+            Vec::new()
+        }
+        _ if app.focus == Focus::Chat => {
+            match key.code {
+                KeyCode::Up | KeyCode::Char('k') => scroll(app, 1),
+                KeyCode::Down | KeyCode::Char('j') => scroll(app, -1),
+                KeyCode::Home => app.scroll_from_bottom = usize::MAX / 2,
+                KeyCode::End => app.scroll_from_bottom = 0,
+                _ => {}
+            }
+            Vec::new()
+        }
+        _ => on_input_key(app, key, ctrl, alt),
+    }
+}
+
+fn prev_boundary(s: &str, i: usize) -> usize {
+    s[..i].char_indices().next_back().map_or(0, |(j, _)| j)
+}
+
+fn next_boundary(s: &str, i: usize) -> usize {
+    s[i..].chars().next().map_or(i, |c| i + c.len_utf8())
+}
+
+fn on_input_key(app: &mut App, key: KeyEvent, ctrl: bool, alt: bool) -> Vec<Effect> {
+    match key.code {
+        KeyCode::Enter if alt => insert(app, "\n"),
+        KeyCode::Char('j') if ctrl => insert(app, "\n"),
+        KeyCode::Enter => return submit(app),
+        KeyCode::Char('?') if app.input.is_empty() => app.help = true,
+        KeyCode::Char(c) if !ctrl => insert(app, c.encode_utf8(&mut [0; 4])),
+        KeyCode::Backspace if app.cursor > 0 => {
+            let start = prev_boundary(&app.input, app.cursor);
+            app.input.replace_range(start..app.cursor, "");
+            app.cursor = start;
+        }
+        KeyCode::Delete if app.cursor < app.input.len() => {
+            let end = next_boundary(&app.input, app.cursor);
+            app.input.replace_range(app.cursor..end, "");
+        }
+        KeyCode::Left => app.cursor = prev_boundary(&app.input, app.cursor),
+        KeyCode::Right => app.cursor = next_boundary(&app.input, app.cursor),
+        KeyCode::Home if app.input.is_empty() => app.scroll_from_bottom = usize::MAX / 2,
+        KeyCode::End if app.input.is_empty() => app.scroll_from_bottom = 0,
+        KeyCode::Home => app.cursor = app.input[..app.cursor].rfind('\n').map_or(0, |i| i + 1),
+        KeyCode::End => {
+            app.cursor = app.input[app.cursor..]
+                .find('\n')
+                .map_or(app.input.len(), |i| app.cursor + i)
+        }
+        KeyCode::Up if app.input.is_empty() || app.recall.is_some() => recall(app, -1),
+        KeyCode::Down if app.recall.is_some() => recall(app, 1),
+        _ => {}
+    }
+    Vec::new()
+}
+
+fn insert(app: &mut App, text: &str) {
+    app.input.insert_str(app.cursor, text);
+    app.cursor += text.len();
+    app.recall = None;
+}
+
+fn recall(app: &mut App, step: i32) {
+    if app.sent.is_empty() {
+        return;
+    }
+    let last = app.sent.len() - 1;
+    let next = match (app.recall, step < 0) {
+        (None, true) => Some(last),
+        (None, false) => None,
+        (Some(0), true) => Some(0),
+        (Some(i), true) => Some(i - 1),
+        (Some(i), false) if i >= last => None,
+        (Some(i), false) => Some(i + 1),
+    };
+    app.recall = next;
+    app.input = next.map(|i| app.sent[i].clone()).unwrap_or_default();
+    app.cursor = app.input.len();
+}
+
+fn submit(app: &mut App) -> Vec<Effect> {
+    let text = app.input.trim_end().to_string();
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    app.input.clear();
+    app.cursor = 0;
+    app.recall = None;
+    app.sent.push(text.clone());
+    if text.starts_with('/') {
+        return command(app, &text);
+    }
+    if app.model_info.is_none() {
+        app.notice("the model is not loaded yet");
+        return Vec::new();
+    }
+    if app.busy() {
+        app.notice("an answer is still streaming: wait, or press Esc to cancel it");
+        return Vec::new();
+    }
+    app.cells.push(Cell::new(Role::User, text));
+    app.cells.push(Cell {
+        role: Role::Assistant,
+        text: String::new(),
+        status: CellStatus::Streaming,
+    });
+    app.scroll_from_bottom = 0;
+    app.readout.state = EngineState::Prefill(0.0);
+    app.readout.ttft = None;
+    app.readout.tok_s = None;
+    app.readout.turn_tokens = 0;
+    app.readout.turn_decode_time = Duration::ZERO;
+    let mut messages = app.messages();
+    // The streaming answer's empty cell is not part of the prompt.
+    if messages
+        .last()
+        .is_some_and(|m| m.role == "assistant" && m.content.is_empty())
+    {
+        messages.pop();
+    }
+    vec![Effect::Send(Request::Generate {
+        messages,
+        sampling: app.settings.sampling.clone(),
+        max_tokens: app.settings.max_tokens,
+    })]
+}
+
+fn command(app: &mut App, line: &str) -> Vec<Effect> {
+    let mut parts = line.splitn(2, char::is_whitespace);
+    let name = parts.next().unwrap_or_default();
+    let arg = parts.next().map(str::trim).unwrap_or_default();
+    let needs_arg = |app: &mut App, usage: &str| {
+        app.notice(format!("usage: {usage}"));
+        Vec::new()
+    };
+    match name {
+        "/help" => {
+            app.help = true;
+            Vec::new()
+        }
+        "/quit" | "/exit" => vec![Effect::Quit],
+        "/loops" => match arg.parse::<usize>() {
+            Ok(n) if (1..=MAX_LOOPS).contains(&n) => {
+                if app.model_info.is_none() {
+                    app.notice("the model is not loaded yet");
+                    return Vec::new();
+                }
+                app.readout.loops = n;
+                vec![Effect::Send(Request::SetLoops(n))]
+            }
+            _ => {
+                app.notice(format!(
+                    "/loops takes a number from 1 to {MAX_LOOPS}, not `{arg}`"
+                ));
+                Vec::new()
+            }
+        },
+        "/clear" => {
+            app.cells.clear();
+            app.scroll_from_bottom = 0;
+            app.readout.context_used = 0;
+            app.readout.cached_tokens = 0;
+            vec![Effect::Send(Request::Reset)]
+        }
+        "/add" if arg.is_empty() => needs_arg(app, "/add PATH"),
+        "/add" => vec![Effect::ReadFile(PathBuf::from(arg))],
+        "/drop" if arg.is_empty() => needs_arg(app, "/drop PATH"),
+        "/drop" => {
+            let path = PathBuf::from(arg);
+            let before = app.files.len();
+            app.files.retain(|(p, _)| p != &path);
+            if app.files.len() == before {
+                app.notice(format!("{arg} is not in the context"));
+            } else {
+                app.notice(format!("dropped {arg} from the context"));
+            }
+            Vec::new()
+        }
+        "/files" => {
+            if app.files.is_empty() {
+                app.notice("no files in the context (add one with /add PATH)");
+            } else {
+                let list: Vec<String> = app
+                    .files
+                    .iter()
+                    .map(|(p, t)| format!("{} ({} lines)", p.display(), t.lines().count()))
+                    .collect();
+                app.notice(format!("files in the context: {}", list.join(", ")));
+            }
+            Vec::new()
+        }
+        "/model" => {
+            let text = match &app.model_info {
+                None => "the model is not loaded yet".to_string(),
+                Some(m) => format!(
+                    "{} — {}\n{:.1}M parameters, {}, trained loops {}, running {}, window {}, context {} tokens, KV cache {:.1} MiB",
+                    m.name,
+                    m.path.display(),
+                    m.parameters as f64 / 1e6,
+                    m.quantization,
+                    m.trained_loops,
+                    app.readout.loops,
+                    m.window,
+                    m.context_size,
+                    app.kv_bytes as f64 / (1024.0 * 1024.0)
+                ),
+            };
+            app.notice(text);
+            Vec::new()
+        }
+        "/save" if arg.is_empty() => needs_arg(app, "/save FILE"),
+        "/save" => vec![Effect::Save {
+            path: PathBuf::from(arg),
+            text: app.transcript(),
+        }],
+        _ => {
+            app.notice(format!("unknown command {name}: /help lists the commands"));
+            Vec::new()
+        }
+    }
+}
+
+fn streaming_cell(app: &mut App) -> Option<&mut Cell> {
+    app.cells
+        .iter_mut()
+        .rev()
+        .find(|c| c.role == Role::Assistant && c.status == CellStatus::Streaming)
+}
+
+fn on_engine(app: &mut App, event: EngineEvent) {
+    let r = &mut app.readout;
+    match event {
+        EngineEvent::Loading(p) => r.state = EngineState::Loading(p),
+        EngineEvent::Loaded(info) => {
+            r.state = EngineState::Idle;
+            r.model = info.name.clone();
+            r.loops = info.loops;
+            r.trained_loops = info.trained_loops;
+            r.context_size = info.context_size;
+            app.model_info = Some(info);
+        }
+        EngineEvent::LoadFailed(message) => {
+            r.state = EngineState::Failed;
+            app.notice(message);
+        }
+        EngineEvent::PrefillProgress { done, total } => {
+            if matches!(r.state, EngineState::Prefill(_)) {
+                r.state = EngineState::Prefill(done as f32 / total.max(1) as f32);
+            }
+        }
+        EngineEvent::Token { text, latency } => {
+            if r.ttft.is_none() {
+                r.ttft = Some(latency);
+            } else {
+                r.turn_tokens += 1;
+                r.turn_decode_time += latency;
+                r.tok_s = Some(r.turn_tokens as f64 / r.turn_decode_time.as_secs_f64().max(1e-9));
+            }
+            if latency > Duration::ZERO {
+                r.latencies.push_back(latency);
+                while r.latencies.len() > SPARKLINE_LEN {
+                    r.latencies.pop_front();
+                }
+            }
+            r.state = EngineState::Generating;
+            if let Some(cell) = streaming_cell(app) {
+                cell.text.push_str(&text);
+            }
+        }
+        EngineEvent::LoopsChanged(n) => r.loops = n,
+        EngineEvent::Done(stats) => finish_turn(app, stats),
+        EngineEvent::ResetDone => app.notice("new conversation"),
+        EngineEvent::Error(message) => {
+            if let Some(cell) = streaming_cell(app) {
+                cell.status = CellStatus::Failed;
+            }
+            if app.busy() {
+                app.readout.state = EngineState::Idle;
+            }
+            app.notice(format!("error: {message}"));
+        }
+    }
+}
+
+fn finish_turn(app: &mut App, stats: TurnStats) {
+    let r = &mut app.readout;
+    r.state = EngineState::Idle;
+    r.ttft = Some(stats.time_to_first_token);
+    if stats.tokens > 1 {
+        r.tok_s = Some(stats.decode_tok_s);
+    }
+    r.context_used = stats.context_used;
+    r.cached_tokens = stats.reused_tokens;
+    app.kv_bytes = stats.kv_bytes;
+    if let Some(cell) = streaming_cell(app) {
+        cell.status = if stats.stop_reason == StopReason::Cancelled {
+            CellStatus::Cancelled
+        } else {
+            CellStatus::Done
+        };
+    }
+}
+
+/// Keys from crossterm's mouse events that plait reacts to.
+pub fn wheel(kind: MouseEventKind) -> Option<AppEvent> {
+    match kind {
+        MouseEventKind::ScrollUp => Some(AppEvent::Wheel(1)),
+        MouseEventKind::ScrollDown => Some(AppEvent::Wheel(-1)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app() -> App {
+        let mut app = App::new(
+            "tiny",
+            Settings {
+                sampling: SamplingParams::default(),
+                max_tokens: 64,
+                system_prompt: None,
+            },
+            true,
+        );
+        update(
+            &mut app,
+            AppEvent::Engine(EngineEvent::Loaded(ModelInfo {
+                name: "tiny".into(),
+                path: "tiny".into(),
+                parameters: 1000,
+                quantization: "F32".into(),
+                trained_loops: 2,
+                loops: 2,
+                window: 4,
+                context_size: 4096,
+            })),
+        );
+        app
+    }
+
+    fn key(code: KeyCode) -> AppEvent {
+        AppEvent::Key(KeyEvent::new(code, KeyModifiers::NONE))
+    }
+
+    fn with(code: KeyCode, modifiers: KeyModifiers) -> AppEvent {
+        AppEvent::Key(KeyEvent::new(code, modifiers))
+    }
+
+    fn type_text(app: &mut App, text: &str) {
+        for c in text.chars() {
+            update(app, key(KeyCode::Char(c)));
+        }
+    }
+
+    fn token(text: &str, ms: u64) -> AppEvent {
+        AppEvent::Engine(EngineEvent::Token {
+            text: text.into(),
+            latency: Duration::from_millis(ms),
+        })
+    }
+
+    fn done(stop_reason: StopReason) -> AppEvent {
+        AppEvent::Engine(EngineEvent::Done(TurnStats {
+            stop_reason,
+            tokens: 3,
+            time_to_first_token: Duration::from_millis(40),
+            decode_tok_s: 50.0,
+            reused_tokens: 12,
+            context_used: 30,
+            kv_bytes: 1024,
+        }))
+    }
+
+    #[test]
+    fn sending_a_message_asks_the_engine_with_the_whole_conversation() {
+        let mut app = app();
+        type_text(&mut app, "hello");
+        let effects = update(&mut app, key(KeyCode::Enter));
+        let [Effect::Send(Request::Generate {
+            messages,
+            max_tokens,
+            ..
+        })] = effects.as_slice()
+        else {
+            panic!("{effects:?}");
+        };
+        assert_eq!(messages, &vec![ChatMessage::new("user", "hello")]);
+        assert_eq!(*max_tokens, 64);
+        assert!(app.input.is_empty());
+        assert_eq!(app.readout.state, EngineState::Prefill(0.0));
+        assert_eq!(app.cells.len(), 2);
+    }
+
+    #[test]
+    fn tokens_stream_into_the_answer_and_done_reports_the_figures() {
+        let mut app = app();
+        type_text(&mut app, "hi");
+        update(&mut app, key(KeyCode::Enter));
+        update(&mut app, token("Hel", 40));
+        update(&mut app, token("lo", 20));
+        update(&mut app, token("!", 20));
+        assert_eq!(app.cells[1].text, "Hello!");
+        assert_eq!(app.readout.state, EngineState::Generating);
+        assert_eq!(app.readout.ttft, Some(Duration::from_millis(40)));
+        assert!((app.readout.tok_s.unwrap() - 50.0).abs() < 1e-6);
+        update(&mut app, done(StopReason::Eos));
+        assert_eq!(app.cells[1].status, CellStatus::Done);
+        assert_eq!(app.readout.state, EngineState::Idle);
+        assert_eq!(app.readout.cached_tokens, 12);
+        assert_eq!(app.readout.context_used, 30);
+        // The next turn carries the answer.
+        type_text(&mut app, "more");
+        let effects = update(&mut app, key(KeyCode::Enter));
+        let [Effect::Send(Request::Generate { messages, .. })] = effects.as_slice() else {
+            panic!("{effects:?}");
+        };
+        assert_eq!(messages.len(), 3);
+        assert_eq!(messages[1], ChatMessage::new("assistant", "Hello!"));
+    }
+
+    #[test]
+    fn esc_and_ctrl_c_cancel_and_a_cancelled_answer_stays_marked() {
+        let mut app = app();
+        type_text(&mut app, "hi");
+        update(&mut app, key(KeyCode::Enter));
+        update(&mut app, token("partial", 10));
+        assert_eq!(
+            update(&mut app, key(KeyCode::Esc)),
+            vec![Effect::Send(Request::Cancel)]
+        );
+        assert_eq!(
+            update(&mut app, with(KeyCode::Char('c'), KeyModifiers::CONTROL)),
+            vec![Effect::Send(Request::Cancel)]
+        );
+        update(&mut app, done(StopReason::Cancelled));
+        assert_eq!(app.cells[1].status, CellStatus::Cancelled);
+        assert_eq!(app.cells[1].text, "partial");
+    }
+
+    #[test]
+    fn ctrl_c_when_idle_asks_once_then_quits() {
+        let mut app = app();
+        let ctrl_c = with(KeyCode::Char('c'), KeyModifiers::CONTROL);
+        assert!(update(&mut app, ctrl_c.clone()).is_empty());
+        assert!(app.quit_armed);
+        assert_eq!(update(&mut app, ctrl_c.clone()), vec![Effect::Quit]);
+        // Another key in between disarms it.
+        let mut app = super::tests::app();
+        update(&mut app, ctrl_c.clone());
+        update(&mut app, key(KeyCode::Char('x')));
+        assert!(update(&mut app, ctrl_c).is_empty());
+    }
+
+    #[test]
+    fn loop_keys_stay_within_one_to_eight() {
+        let mut app = app();
+        assert_eq!(
+            update(&mut app, with(KeyCode::Up, KeyModifiers::ALT)),
+            vec![Effect::Send(Request::SetLoops(3))]
+        );
+        assert_eq!(
+            update(&mut app, key(KeyCode::F(2))),
+            vec![Effect::Send(Request::SetLoops(2))]
+        );
+        update(&mut app, key(KeyCode::F(2)));
+        assert_eq!(app.readout.loops, 1);
+        assert!(update(&mut app, with(KeyCode::Down, KeyModifiers::ALT)).is_empty());
+        for _ in 0..10 {
+            update(&mut app, key(KeyCode::F(3)));
+        }
+        assert_eq!(app.readout.loops, 8);
+        assert!(update(&mut app, key(KeyCode::F(3))).is_empty());
+    }
+
+    #[test]
+    fn scrolling_moves_away_from_the_bottom_and_back() {
+        let mut app = app();
+        app.chat_height = 11;
+        update(&mut app, key(KeyCode::PageUp));
+        assert_eq!(app.scroll_from_bottom, 10);
+        update(&mut app, AppEvent::Wheel(1));
+        assert_eq!(app.scroll_from_bottom, 13);
+        update(&mut app, AppEvent::Wheel(-2));
+        assert_eq!(app.scroll_from_bottom, 7);
+        update(&mut app, key(KeyCode::PageDown));
+        assert_eq!(app.scroll_from_bottom, 0);
+        update(&mut app, key(KeyCode::Home));
+        assert!(app.scroll_from_bottom > 1000);
+        update(&mut app, key(KeyCode::End));
+        assert_eq!(app.scroll_from_bottom, 0);
+    }
+
+    #[test]
+    fn commands_run_and_bad_ones_get_a_one_line_error() {
+        let mut app = app();
+        type_text(&mut app, "/loops 3");
+        assert_eq!(
+            update(&mut app, key(KeyCode::Enter)),
+            vec![Effect::Send(Request::SetLoops(3))]
+        );
+        type_text(&mut app, "/loops 9");
+        assert!(update(&mut app, key(KeyCode::Enter)).is_empty());
+        assert!(app.cells.last().unwrap().text.contains("1 to 8"));
+        type_text(&mut app, "/frobnicate");
+        update(&mut app, key(KeyCode::Enter));
+        assert!(app
+            .cells
+            .last()
+            .unwrap()
+            .text
+            .contains("unknown command /frobnicate"));
+        type_text(&mut app, "/add src/main.rs");
+        assert_eq!(
+            update(&mut app, key(KeyCode::Enter)),
+            vec![Effect::ReadFile("src/main.rs".into())]
+        );
+        update(
+            &mut app,
+            AppEvent::FileRead {
+                path: "src/main.rs".into(),
+                result: Ok("fn main() {}\n".into()),
+            },
+        );
+        assert_eq!(app.messages()[0].role, "system");
+        assert!(app.messages()[0].content.contains("fn main() {}"));
+        type_text(&mut app, "/drop src/main.rs");
+        update(&mut app, key(KeyCode::Enter));
+        assert!(app.files.is_empty());
+        type_text(&mut app, "/save");
+        update(&mut app, key(KeyCode::Enter));
+        assert!(app.cells.last().unwrap().text.contains("usage: /save FILE"));
+        type_text(&mut app, "/clear");
+        assert_eq!(
+            update(&mut app, key(KeyCode::Enter)),
+            vec![Effect::Send(Request::Reset)]
+        );
+        assert!(app.cells.is_empty());
+        type_text(&mut app, "/quit");
+        assert_eq!(update(&mut app, key(KeyCode::Enter)), vec![Effect::Quit]);
+    }
+
+    #[test]
+    fn slash_completes_with_tab_and_question_mark_opens_help() {
+        let mut app = app();
+        type_text(&mut app, "/mo");
+        assert_eq!(app.completions().len(), 1);
+        update(&mut app, key(KeyCode::Tab));
+        assert_eq!(app.input, "/model ");
+        app.input.clear();
+        app.cursor = 0;
+        update(&mut app, key(KeyCode::Char('?')));
+        assert!(app.help);
+        update(&mut app, key(KeyCode::Esc));
+        assert!(!app.help);
+    }
+
+    #[test]
+    fn newline_keys_and_history_recall_edit_the_input() {
+        let mut app = app();
+        type_text(&mut app, "a");
+        update(&mut app, with(KeyCode::Enter, KeyModifiers::ALT));
+        update(&mut app, with(KeyCode::Char('j'), KeyModifiers::CONTROL));
+        type_text(&mut app, "b");
+        assert_eq!(app.input, "a\n\nb");
+        update(&mut app, key(KeyCode::Enter));
+        update(&mut app, done(StopReason::Eos));
+        type_text(&mut app, "second");
+        update(&mut app, key(KeyCode::Enter));
+        update(&mut app, done(StopReason::Eos));
+        update(&mut app, key(KeyCode::Up));
+        assert_eq!(app.input, "second");
+        update(&mut app, key(KeyCode::Up));
+        assert_eq!(app.input, "a\n\nb");
+        update(&mut app, key(KeyCode::Down));
+        assert_eq!(app.input, "second");
+        update(&mut app, key(KeyCode::Down));
+        assert_eq!(app.input, "");
+    }
+}

@@ -1,0 +1,161 @@
+//! The terminal UI: app state and update, drawing, markdown, and the event loop.
+
+pub mod app;
+pub mod markdown;
+pub mod ui;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crossterm::event::{
+    DisableBracketedPaste, DisableMouseCapture, EnableBracketedPaste, EnableMouseCapture,
+    Event as TermEvent, EventStream,
+};
+use crossterm::execute;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::engine::{Engine, EngineOptions, Request};
+use app::{update, App, AppEvent, Effect, Settings};
+use markdown::Highlighter;
+
+/// What the TUI starts with.
+#[derive(Debug, Clone)]
+pub struct TuiOptions {
+    /// The model to load.
+    pub engine: EngineOptions,
+    /// Request settings.
+    pub settings: Settings,
+    /// Whether colours are allowed (false under NO_COLOR).
+    pub color: bool,
+}
+
+/// Runs the TUI until the user quits; the terminal is restored on every way out.
+pub fn run(options: TuiOptions) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(event_loop(options))
+}
+
+async fn event_loop(options: TuiOptions) -> std::io::Result<()> {
+    let (engine_tx, mut engine_rx) = mpsc::unbounded_channel();
+    let name = options
+        .engine
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut app = App::new(&name, options.settings, options.color);
+    // The UI is up at once; the worker loads the model and reports progress as events.
+    let engine = Engine::spawn(options.engine, move |event| {
+        // The receiver is gone only when the UI has quit: nothing to report to.
+        let _ = engine_tx.send(event);
+    })?;
+    // ratatui::init enters the alternate screen and raw mode and installs a panic hook
+    // that restores the terminal before the panic message prints.
+    let mut terminal = ratatui::init();
+    execute!(std::io::stdout(), EnableBracketedPaste, EnableMouseCapture)?;
+    let result = drive(&mut terminal, &mut app, &engine, &mut engine_rx).await;
+    let _ = execute!(
+        std::io::stdout(),
+        DisableMouseCapture,
+        DisableBracketedPaste
+    );
+    ratatui::restore();
+    drop(engine);
+    result
+}
+
+async fn drive(
+    terminal: &mut ratatui::DefaultTerminal,
+    app: &mut App,
+    engine: &Engine,
+    engine_rx: &mut mpsc::UnboundedReceiver<crate::engine::Event>,
+) -> std::io::Result<()> {
+    let highlighter = Highlighter::new();
+    let mut terminal_events = EventStream::new();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut dirty = true;
+    loop {
+        if dirty {
+            terminal.draw(|frame| ui::draw(frame, app, &highlighter))?;
+            dirty = false;
+        }
+        let event = tokio::select! {
+            event = terminal_events.next() => match event {
+                Some(Ok(TermEvent::Key(key))) => Some(AppEvent::Key(key)),
+                Some(Ok(TermEvent::Paste(text))) => Some(AppEvent::Paste(text)),
+                Some(Ok(TermEvent::Mouse(mouse))) => app::wheel(mouse.kind),
+                Some(Ok(TermEvent::Resize(..))) => {
+                    dirty = true;
+                    None
+                }
+                Some(Ok(_)) => None,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+            event = engine_rx.recv() => event.map(AppEvent::Engine),
+            _ = sigterm.recv() => return Ok(()),
+        };
+        let Some(event) = event else { continue };
+        dirty = true;
+        let mut queue = vec![event];
+        // Drain what the engine has sent meanwhile: one redraw for a burst of tokens.
+        while let Ok(more) = engine_rx.try_recv() {
+            queue.push(AppEvent::Engine(more));
+        }
+        for event in queue {
+            for effect in update(app, event) {
+                if let Some(follow_up) = apply(effect, engine) {
+                    if follow_up == Followup::Quit {
+                        return Ok(());
+                    }
+                    if let Followup::Event(event) = follow_up {
+                        update(app, event);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Followup {
+    Quit,
+    Event(AppEvent),
+}
+
+/// Carries out an effect; file effects report back as events.
+fn apply(effect: Effect, engine: &Engine) -> Option<Followup> {
+    match effect {
+        Effect::Send(request) => {
+            engine.send(request);
+            None
+        }
+        Effect::Quit => {
+            engine.send(Request::Cancel);
+            Some(Followup::Quit)
+        }
+        Effect::ReadFile(path) => {
+            let result = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+            Some(Followup::Event(AppEvent::FileRead { path, result }))
+        }
+        Effect::Save { path, text } => Some(Followup::Event(AppEvent::Saved(save(&path, &text)))),
+    }
+}
+
+/// Writes through a temporary file and a rename, so an existing file is never half-written.
+fn save(path: &PathBuf, text: &str) -> Result<PathBuf, String> {
+    let partial = path.with_extension("partial");
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&partial)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&partial, path)
+    };
+    write().map(|()| path.clone()).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        format!("{}: {e}", path.display())
+    })
+}

@@ -1,0 +1,311 @@
+//! Drawing the state: chat pane, input box, status line, help overlay.
+
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
+use ratatui::Frame;
+
+use super::app::{App, CellStatus, EngineState, Focus, Role, COMMANDS, KEYS};
+use super::markdown::{render_markdown, Highlighter};
+
+/// Below this the screen shows a notice instead of the layout.
+pub const MIN_WIDTH: u16 = 40;
+/// Below this the screen shows a notice instead of the layout.
+pub const MIN_HEIGHT: u16 = 10;
+
+/// Sparkline glyphs, lowest to highest.
+const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+fn style(app: &App, color: Color) -> Style {
+    if app.color {
+        Style::default().fg(color)
+    } else {
+        Style::default()
+    }
+}
+
+/// Draws the whole screen; records the chat pane's height in `app` for paging.
+pub fn draw(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter) {
+    let area = frame.area();
+    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
+        let notice = Paragraph::new(format!(
+            "terminal too small ({}x{}): plait needs at least {MIN_WIDTH}x{MIN_HEIGHT}",
+            area.width, area.height
+        ))
+        .wrap(Wrap { trim: true });
+        frame.render_widget(notice, area);
+        return;
+    }
+    let input_lines = app.input.split('\n').count().clamp(1, 6) as u16;
+    let [chat, input, status] = Layout::vertical([
+        Constraint::Min(3),
+        Constraint::Length(input_lines + 2),
+        Constraint::Length(1),
+    ])
+    .areas(area);
+    draw_chat(frame, app, highlighter, chat);
+    draw_input(frame, app, input);
+    draw_status(frame, app, status);
+    let completions = app.completions();
+    if !completions.is_empty() {
+        let height = completions.len() as u16 + 2;
+        let popup = Rect {
+            x: input.x + 1,
+            y: input.y.saturating_sub(height),
+            width: input.width.saturating_sub(2).min(50),
+            height,
+        };
+        let lines: Vec<Line<'_>> = completions
+            .iter()
+            .map(|(name, help)| {
+                Line::from(vec![
+                    Span::styled(
+                        format!("{name:<12}"),
+                        Style::default().add_modifier(Modifier::BOLD),
+                    ),
+                    Span::raw(*help),
+                ])
+            })
+            .collect();
+        frame.render_widget(Clear, popup);
+        frame.render_widget(
+            Paragraph::new(lines).block(Block::bordered().title("commands")),
+            popup,
+        );
+    }
+    if app.help {
+        draw_help(frame, app, area);
+    }
+}
+
+/// The chat's lines at `width`, every cell rendered.
+pub fn chat_lines(app: &App, highlighter: &Highlighter, width: u16) -> Vec<Line<'static>> {
+    let mut lines: Vec<Line<'static>> = Vec::new();
+    for cell in &app.cells {
+        if !lines.is_empty() {
+            lines.push(Line::default());
+        }
+        match cell.role {
+            Role::User => {
+                lines.push(Line::styled(
+                    "you",
+                    style(app, Color::Cyan).add_modifier(Modifier::BOLD),
+                ));
+                lines.extend(render_markdown(&cell.text, width, highlighter, app.color));
+            }
+            Role::Assistant => {
+                let mut header = vec![Span::styled(
+                    "plait",
+                    style(app, Color::Green).add_modifier(Modifier::BOLD),
+                )];
+                match cell.status {
+                    CellStatus::Cancelled => {
+                        header.push(Span::styled(" (cancelled)", style(app, Color::Yellow)))
+                    }
+                    CellStatus::Failed => {
+                        header.push(Span::styled(" (failed)", style(app, Color::Red)))
+                    }
+                    CellStatus::Streaming if cell.text.is_empty() => header.push(Span::raw(" …")),
+                    _ => {}
+                }
+                lines.push(Line::from(header));
+                lines.extend(render_markdown(&cell.text, width, highlighter, app.color));
+            }
+            Role::Notice => {
+                for line in cell.text.lines() {
+                    lines.push(Line::styled(
+                        format!("· {line}"),
+                        style(app, Color::DarkGray).add_modifier(Modifier::ITALIC),
+                    ));
+                }
+            }
+        }
+    }
+    lines
+}
+
+fn draw_chat(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter, area: Rect) {
+    let focused = app.focus == Focus::Chat;
+    let block = Block::default().borders(Borders::TOP).title(if focused {
+        " chat (focused) "
+    } else {
+        " chat "
+    });
+    let inner = block.inner(area);
+    let lines = chat_lines(app, highlighter, inner.width.saturating_sub(1).max(1));
+    let height = inner.height as usize;
+    app.chat_height = height;
+    let max_scroll = lines.len().saturating_sub(height);
+    app.scroll_from_bottom = app.scroll_from_bottom.min(max_scroll);
+    let top = max_scroll - app.scroll_from_bottom;
+    let visible: Vec<Line<'static>> = lines.into_iter().skip(top).take(height).collect();
+    frame.render_widget(Paragraph::new(visible).block(block), area);
+    if app.cells.is_empty() {
+        let hint =
+            Paragraph::new("Ask about your code. F1 or ? for help, /add PATH to share a file.")
+                .style(style(app, Color::DarkGray));
+        frame.render_widget(hint, Rect { height: 1, ..inner });
+    }
+}
+
+fn draw_input(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let title = if app.busy() {
+        " message (Esc cancels the answer) "
+    } else {
+        " message "
+    };
+    let block = Block::bordered()
+        .title(title)
+        .border_style(if app.focus == Focus::Input {
+            style(app, Color::Cyan)
+        } else {
+            Style::default()
+        });
+    let inner = block.inner(area);
+    // Keep the cursor's line in view when the message is taller than the box.
+    let cursor_line = app.input[..app.cursor].matches('\n').count() as u16;
+    let offset = cursor_line.saturating_sub(inner.height.saturating_sub(1));
+    frame.render_widget(
+        Paragraph::new(app.input.as_str())
+            .block(block)
+            .scroll((offset, 0)),
+        area,
+    );
+    if app.focus == Focus::Input && !app.help {
+        let col = app.input[..app.cursor]
+            .rsplit('\n')
+            .next()
+            .map_or(0, |l| Span::raw(l).width()) as u16;
+        let x = (inner.x + col).min(inner.right().saturating_sub(1));
+        frame.set_cursor_position((x, inner.y + cursor_line - offset));
+    }
+}
+
+/// The sparkline of recent token latencies.
+pub fn sparkline(app: &App) -> String {
+    let max = app
+        .readout
+        .latencies
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    if max.is_zero() {
+        return String::new();
+    }
+    app.readout
+        .latencies
+        .iter()
+        .map(|l| {
+            let level =
+                (l.as_secs_f64() / max.as_secs_f64() * (BARS.len() - 1) as f64).round() as usize;
+            BARS[level.min(BARS.len() - 1)]
+        })
+        .collect()
+}
+
+/// The status line's text parts.
+pub fn status_text(app: &App) -> Vec<Span<'static>> {
+    let r = &app.readout;
+    let sep = || Span::styled(" │ ", style(app, Color::DarkGray));
+    let loops_text = format!("loops {}/{}", r.loops, r.trained_loops);
+    let loops = if r.loops == r.trained_loops {
+        Span::raw(loops_text)
+    } else {
+        // A count the checkpoint was not trained with is allowed, and shown as such.
+        Span::styled(
+            format!("{loops_text}*"),
+            style(app, Color::Yellow).add_modifier(Modifier::BOLD),
+        )
+    };
+    let state = match &r.state {
+        EngineState::Loading(p) => format!("loading {:.0}%", p * 100.0),
+        EngineState::Failed => "load failed".into(),
+        EngineState::Idle => "idle".into(),
+        EngineState::Prefill(p) => format!("prefill {:.0}%", p * 100.0),
+        EngineState::Generating => "generating".into(),
+    };
+    let mut spans = vec![
+        Span::styled(
+            r.model.clone(),
+            Style::default().add_modifier(Modifier::BOLD),
+        ),
+        sep(),
+        loops,
+        sep(),
+        Span::raw(state),
+    ];
+    if let Some(ttft) = r.ttft {
+        spans.extend([
+            sep(),
+            Span::raw(format!("TTFT {:.0} ms", ttft.as_secs_f64() * 1e3)),
+        ]);
+    }
+    if let Some(tok_s) = r.tok_s {
+        spans.extend([sep(), Span::raw(format!("{tok_s:.1} tok/s"))]);
+    }
+    let spark = sparkline(app);
+    if !spark.is_empty() {
+        spans.extend([sep(), Span::styled(spark, style(app, Color::Green))]);
+    }
+    if r.context_size > 0 {
+        spans.extend([
+            sep(),
+            Span::raw(format!("ctx {}/{}", r.context_used, r.context_size)),
+        ]);
+    }
+    spans.extend([sep(), Span::raw(format!("cached {}", r.cached_tokens))]);
+    spans
+}
+
+fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let line = Line::from(status_text(app));
+    let base = if app.color {
+        Style::default().bg(Color::Black)
+    } else {
+        Style::default().add_modifier(Modifier::REVERSED)
+    };
+    frame.render_widget(Paragraph::new(line).style(base), area);
+}
+
+fn draw_help(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let mut lines = vec![Line::styled(
+        "Keys",
+        Style::default().add_modifier(Modifier::BOLD),
+    )];
+    for (keys, what) in KEYS {
+        lines.push(Line::from(vec![
+            Span::styled(format!("  {keys:<20}"), style(app, Color::Cyan)),
+            Span::raw(*what),
+        ]));
+    }
+    lines.push(Line::default());
+    lines.push(Line::styled(
+        "Commands",
+        Style::default().add_modifier(Modifier::BOLD),
+    ));
+    for (name, what) in COMMANDS {
+        lines.push(Line::from(vec![
+            Span::styled(format!("  {name:<20}"), style(app, Color::Cyan)),
+            Span::raw(*what),
+        ]));
+    }
+    lines.push(Line::default());
+    lines.push(Line::raw("  Esc closes this help."));
+    let width = area.width.saturating_sub(4).min(78);
+    let height = (lines.len() as u16 + 2).min(area.height.saturating_sub(2));
+    let popup = Rect {
+        x: area.x + (area.width - width) / 2,
+        y: area.y + (area.height - height) / 2,
+        width,
+        height,
+    };
+    frame.render_widget(Clear, popup);
+    frame.render_widget(
+        Paragraph::new(lines)
+            .block(Block::bordered().title(" help "))
+            .wrap(Wrap { trim: false }),
+        popup,
+    );
+}
