@@ -205,8 +205,8 @@ pub fn sparkline(app: &App) -> String {
         .collect()
 }
 
-/// The status line's text parts.
-pub fn status_text(app: &App) -> Vec<Span<'static>> {
+/// The status line's parts for a line `width` columns wide; the sparkline takes what is left.
+pub fn status_text(app: &App, width: u16) -> Vec<Span<'static>> {
     let r = &app.readout;
     let sep = || Span::styled(" │ ", style(app, Color::DarkGray));
     let loops_text = format!("loops {}/{}", r.loops, r.trained_loops);
@@ -226,41 +226,48 @@ pub fn status_text(app: &App) -> Vec<Span<'static>> {
         EngineState::Prefill(p) => format!("prefill {:.0}%", p * 100.0),
         EngineState::Generating => "generating".into(),
     };
-    let mut spans = vec![
-        Span::styled(
-            r.model.clone(),
-            Style::default().add_modifier(Modifier::BOLD),
-        ),
-        sep(),
-        loops,
-        sep(),
-        Span::raw(state),
-    ];
+    let mut parts = vec![loops, Span::raw(state)];
     if let Some(ttft) = r.ttft {
-        spans.extend([
-            sep(),
-            Span::raw(format!("TTFT {:.0} ms", ttft.as_secs_f64() * 1e3)),
-        ]);
+        parts.push(Span::raw(format!(
+            "TTFT {:.0} ms",
+            ttft.as_secs_f64() * 1e3
+        )));
     }
     if let Some(tok_s) = r.tok_s {
-        spans.extend([sep(), Span::raw(format!("{tok_s:.1} tok/s"))]);
+        parts.push(Span::raw(format!("{tok_s:.1} tok/s")));
     }
+    if r.context_size > 0 {
+        parts.push(Span::raw(format!(
+            "ctx {}/{}",
+            r.context_used, r.context_size
+        )));
+    }
+    parts.push(Span::raw(format!("cached {}", r.cached_tokens)));
+    let fixed: usize = parts.iter().map(|p| p.width() + 3).sum();
+    // The model name gives way first on a narrow screen.
+    let name_room = (width as usize).saturating_sub(fixed).max(8);
+    let name: String = r.model.chars().take(name_room).collect();
+    let mut spans = vec![Span::styled(
+        name,
+        Style::default().add_modifier(Modifier::BOLD),
+    )];
+    for part in parts {
+        spans.push(sep());
+        spans.push(part);
+    }
+    let used: usize = spans.iter().map(Span::width).sum();
+    let room = (width as usize).saturating_sub(used + 3);
     let spark = sparkline(app);
+    let skip = spark.chars().count().saturating_sub(room);
+    let spark: String = spark.chars().skip(skip).collect();
     if !spark.is_empty() {
         spans.extend([sep(), Span::styled(spark, style(app, Color::Green))]);
     }
-    if r.context_size > 0 {
-        spans.extend([
-            sep(),
-            Span::raw(format!("ctx {}/{}", r.context_used, r.context_size)),
-        ]);
-    }
-    spans.extend([sep(), Span::raw(format!("cached {}", r.cached_tokens))]);
     spans
 }
 
 fn draw_status(frame: &mut Frame<'_>, app: &App, area: Rect) {
-    let line = Line::from(status_text(app));
+    let line = Line::from(status_text(app, area.width));
     let base = if app.color {
         Style::default().bg(Color::Black)
     } else {
@@ -308,4 +315,179 @@ fn draw_help(frame: &mut Frame<'_>, app: &App, area: Rect) {
             .wrap(Wrap { trim: false }),
         popup,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+
+    use super::*;
+    use crate::engine::{Event as EngineEvent, ModelInfo, StopReason, TurnStats};
+    use crate::model::SamplingParams;
+    use crate::tui::app::{update, AppEvent, Settings};
+
+    fn loaded_app() -> App {
+        let mut app = App::new(
+            "plt-tiny-2loop",
+            Settings {
+                sampling: SamplingParams::default(),
+                max_tokens: 64,
+                system_prompt: None,
+            },
+            true,
+        );
+        update(
+            &mut app,
+            AppEvent::Engine(EngineEvent::Loaded(ModelInfo {
+                name: "plt-tiny-2loop".into(),
+                path: "tests/fixtures/plt-tiny-2loop".into(),
+                parameters: 160_000,
+                quantization: "F32".into(),
+                trained_loops: 2,
+                loops: 2,
+                window: 4,
+                context_size: 4096,
+            })),
+        );
+        app
+    }
+
+    fn ask(app: &mut App, question: &str, answer: &[&str]) {
+        for c in question.chars() {
+            update(
+                app,
+                AppEvent::Key(crossterm::event::KeyEvent::from(
+                    crossterm::event::KeyCode::Char(c),
+                )),
+            );
+        }
+        update(
+            app,
+            AppEvent::Key(crossterm::event::KeyEvent::from(
+                crossterm::event::KeyCode::Enter,
+            )),
+        );
+        for (i, text) in answer.iter().enumerate() {
+            update(
+                app,
+                AppEvent::Engine(EngineEvent::Token {
+                    text: text.to_string(),
+                    latency: Duration::from_millis(20 + (i as u64 * 7) % 30),
+                }),
+            );
+        }
+    }
+
+    fn render(app: &mut App, width: u16, height: u16) -> Terminal<TestBackend> {
+        let highlighter = Highlighter::new();
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal
+            .draw(|frame| draw(frame, app, &highlighter))
+            .unwrap();
+        terminal
+    }
+
+    const CODE_ANSWER: &[&str] = &[
+        "Here is one:\n\n",
+        "```python\n",
+        "def reverse_string(s):\n",
+        "    return s[::-1]\n",
+        "```\n\nIt uses **slicing**.",
+    ];
+
+    #[test]
+    fn idle_screen() {
+        for (w, h) in [(80, 24), (120, 40)] {
+            let mut app = loaded_app();
+            let terminal = render(&mut app, w, h);
+            insta::assert_snapshot!(format!("idle_{w}x{h}"), terminal.backend());
+        }
+    }
+
+    #[test]
+    fn streaming_with_a_highlighted_code_block() {
+        for (w, h) in [(80, 24), (120, 40)] {
+            let mut app = loaded_app();
+            ask(&mut app, "Reverse a string in Python", CODE_ANSWER);
+            let terminal = render(&mut app, w, h);
+            insta::assert_snapshot!(format!("streaming_{w}x{h}"), terminal.backend());
+            // The code is coloured by syntect: its cells carry several foreground colours.
+            let buffer = terminal.backend().buffer();
+            let mut colours = std::collections::HashSet::new();
+            for y in 0..h {
+                let row: String = (0..w)
+                    .map(|x| buffer[(x, y)].symbol().to_string())
+                    .collect();
+                if row.contains("def reverse_string") {
+                    for x in 0..w {
+                        colours.insert(format!("{:?}", buffer[(x, y)].fg));
+                    }
+                }
+            }
+            assert!(colours.len() >= 3, "{colours:?}");
+        }
+    }
+
+    #[test]
+    fn a_finished_turn_and_loops_differing_from_trained() {
+        let mut app = loaded_app();
+        ask(&mut app, "hi", &["Hello", "!"]);
+        update(
+            &mut app,
+            AppEvent::Engine(EngineEvent::Done(TurnStats {
+                stop_reason: StopReason::Eos,
+                tokens: 2,
+                time_to_first_token: Duration::from_millis(35),
+                decode_tok_s: 23.4,
+                reused_tokens: 12,
+                context_used: 40,
+                kv_bytes: 4096,
+            })),
+        );
+        update(&mut app, AppEvent::Engine(EngineEvent::LoopsChanged(3)));
+        for (w, h) in [(80, 24), (120, 40)] {
+            let terminal = render(&mut app, w, h);
+            insta::assert_snapshot!(format!("loops_differ_{w}x{h}"), terminal.backend());
+        }
+        let status: String = status_text(&app, 200)
+            .iter()
+            .map(|s| s.content.to_string())
+            .collect();
+        assert!(status.contains("loops 3/2*"), "{status}");
+        assert!(status.contains("23.4 tok/s"), "{status}");
+        assert!(status.contains("cached 12"), "{status}");
+    }
+
+    #[test]
+    fn help_overlay() {
+        for (w, h) in [(80, 24), (120, 40)] {
+            let mut app = loaded_app();
+            app.help = true;
+            let terminal = render(&mut app, w, h);
+            insta::assert_snapshot!(format!("help_{w}x{h}"), terminal.backend());
+        }
+    }
+
+    #[test]
+    fn too_small_notice() {
+        let mut app = loaded_app();
+        let terminal = render(&mut app, 30, 8);
+        insta::assert_snapshot!("too_small", terminal.backend());
+    }
+
+    #[test]
+    fn no_color_draws_without_colours() {
+        let mut app = loaded_app();
+        app.color = false;
+        ask(&mut app, "Reverse a string in Python", CODE_ANSWER);
+        let terminal = render(&mut app, 80, 24);
+        let buffer = terminal.backend().buffer();
+        for cell in buffer.content() {
+            assert_eq!(cell.fg, Color::Reset);
+            assert_eq!(cell.bg, Color::Reset);
+        }
+    }
 }
