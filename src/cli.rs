@@ -575,7 +575,7 @@ fn tui(args: TuiArgs) -> Result<()> {
             loops: args.loops.map(usize::from).or(config.loops),
         },
         settings: Settings {
-            sampling: config.sampling.params(),
+            sampling: config.sampling.clone(),
             max_tokens: config.max_tokens,
             system_prompt: config.system_prompt.clone(),
         },

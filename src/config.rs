@@ -193,50 +193,8 @@ impl Default for AppConfig {
     }
 }
 
-/// The `[sampling]` section: how the next token is chosen (the defaults are greedy).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SamplingConfig {
-    /// Temperature (>= 0); 0 is greedy.
-    pub temperature: f64,
-    /// Keep the k most likely tokens (0: off).
-    pub top_k: usize,
-    /// Nucleus threshold in 0..=1 (1.0: off).
-    pub top_p: f64,
-    /// Drop tokens below min_p times the top probability, in 0..=1 (0.0: off).
-    pub min_p: f64,
-    /// Penalty (> 0) for tokens already in the sequence (1.0: off).
-    pub repetition_penalty: f64,
-    /// Seed of the random generator.
-    pub seed: u64,
-}
-
-impl Default for SamplingConfig {
-    fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingConfig {
-    /// The sampler's parameters.
-    pub fn params(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            min_p: self.min_p,
-            repetition_penalty: self.repetition_penalty,
-            seed: self.seed,
-        }
-    }
-}
+/// The `[sampling]` section: the sampler's own parameters (the defaults are greedy).
+pub type SamplingConfig = SamplingParams;
 
 impl AppConfig {
     /// Reads `path` (or `config_dir()/config.toml`, where a missing file means the defaults),
@@ -653,10 +611,7 @@ mod tests {
 
     #[test]
     fn sampling_defaults_match_the_samplers() {
-        assert_eq!(
-            SamplingConfig::default().params(),
-            SamplingParams::default()
-        );
+        assert_eq!(SamplingConfig::default(), SamplingParams::default());
     }
 
     #[test]
@@ -673,7 +628,7 @@ mod tests {
         assert_eq!(c.system_prompt.as_deref(), Some("Be terse"));
         assert_eq!((c.context_size, c.threads), (Some(4096), Some(2)));
         assert_eq!((c.theme.as_str(), c.max_tokens), ("light", 64));
-        let p = c.sampling.params();
+        let p = c.sampling.clone();
         assert_eq!(
             (p.temperature, p.top_k, p.top_p, p.min_p),
             (0.7, 40, 0.9, 0.05)

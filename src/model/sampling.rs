@@ -3,8 +3,10 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// How to pick tokens; the defaults are greedy decoding.
-#[derive(Debug, Clone, PartialEq)]
+/// How to pick tokens; the defaults are greedy decoding. Deserializes from config files
+/// (missing fields take the defaults, unknown ones are refused).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax).
     pub temperature: f64,

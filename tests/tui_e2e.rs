@@ -1,0 +1,310 @@
+//! End to end: the real `plait` binary in a pseudo-terminal, its screen read back through a
+//! terminal emulator (vt100). Starts the TUI on the tiny fixture model, sends a message, changes
+//! the loop count with Alt+Up and F2, presses Esc, quits with Ctrl+C twice, and checks that the
+//! terminal is handed back as it was found (main screen, no bracketed paste, no mouse capture,
+//! visible cursor).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use portable_pty::{native_pty_system, Child, CommandBuilder, MasterPty, PtySize};
+
+const ROWS: u16 = 30;
+const COLS: u16 = 100;
+/// How often the screen is polled.
+const POLL: Duration = Duration::from_millis(50);
+/// A step's time limit: generous, since CI is a slow two-core box running the debug build.
+const STEP: Duration = Duration::from_secs(30);
+/// The time limit for a whole streamed answer.
+const ANSWER: Duration = Duration::from_secs(60);
+/// How long plait may take to exit after the second Ctrl+C.
+const EXIT: Duration = Duration::from_secs(10);
+/// crossterm tells a lone Esc from the start of a sequence by a short pause.
+const ESC_PAUSE: Duration = Duration::from_millis(300);
+
+/// The repository's tiny two-loop fixture checkpoint.
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plt-tiny-2loop")
+}
+
+/// plait running in a pseudo-terminal; killed on drop (so on a failed assertion too).
+struct Session {
+    parser: Arc<Mutex<vt100::Parser>>,
+    /// Set by the reader thread once the pty reports end of file (the child is gone).
+    reader_done: Arc<AtomicBool>,
+    writer: Box<dyn Write + Send>,
+    child: Box<dyn Child + Send + Sync>,
+    /// Kept open for the session's life: dropping the master hangs up the child's terminal.
+    _master: Box<dyn MasterPty + Send>,
+    /// Config, state (logs) and working directory; removed on drop.
+    dir: tempfile::TempDir,
+}
+
+impl Session {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pair = native_pty_system()
+            .openpty(PtySize {
+                rows: ROWS,
+                cols: COLS,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .expect("open a pty");
+        let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_plait"));
+        cmd.arg("--model");
+        cmd.arg(fixture());
+        for name in ["PLAIT_CONFIG_DIR", "PLAIT_STATE_DIR", "PLAIT_DATA_DIR"] {
+            cmd.env(name, dir.path());
+        }
+        cmd.env("TERM", "xterm-256color");
+        cmd.cwd(dir.path());
+        let child = pair.slave.spawn_command(cmd).expect("spawn plait");
+        // Only the child holds the terminal's slave side, so reads see EOF once it is gone.
+        drop(pair.slave);
+
+        let parser = Arc::new(Mutex::new(vt100::Parser::new(
+            ROWS.try_into().unwrap(),
+            COLS.try_into().unwrap(),
+            0,
+        )));
+        let reader_done = Arc::new(AtomicBool::new(false));
+        let mut reader = pair.master.try_clone_reader().expect("pty reader");
+        {
+            let parser = Arc::clone(&parser);
+            let reader_done = Arc::clone(&reader_done);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => lock(&parser).process(&buf[..n]),
+                    }
+                }
+                reader_done.store(true, Ordering::SeqCst);
+            });
+        }
+        let writer = pair.master.take_writer().expect("pty writer");
+        Self {
+            parser,
+            reader_done,
+            writer,
+            child,
+            _master: pair.master,
+            dir,
+        }
+    }
+
+    /// Types bytes into plait's terminal.
+    fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("write to the pty");
+        self.writer.flush().expect("flush the pty");
+    }
+
+    fn screen(&self) -> MutexGuard<'_, vt100::Parser> {
+        lock(&self.parser)
+    }
+
+    /// The screen's text, one line per row (so the last line is the status line).
+    fn text(&self) -> String {
+        screen_text(self.screen().screen())
+    }
+
+    /// The screen and plait's log, for failure messages.
+    fn dump(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("plait.log")).unwrap_or_default();
+        let log_tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let log_tail: Vec<&str> = log_tail.into_iter().rev().collect();
+        format!(
+            "screen:\n{}\n{}\nplait.log (tail):\n{}",
+            "-".repeat(COLS as usize),
+            self.text(),
+            log_tail.join("\n")
+        )
+    }
+
+    /// Polls the screen until `pred` holds; panics with the screen after `timeout`, or at once
+    /// if plait exits meanwhile.
+    fn wait_for(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.text();
+            if pred(&text) {
+                return text;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader take in the last output before showing the screen.
+                self.wait_reader(Duration::from_secs(2));
+                panic!(
+                    "plait exited ({status:?}) while waiting for {what}\n{}",
+                    self.dump()
+                );
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.dump()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits up to `timeout` for the reader thread to have read everything; whether it did.
+    fn wait_reader(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while !self.reader_done.load(Ordering::SeqCst) {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(POLL);
+        }
+        true
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Locks the parser even if a panic elsewhere poisoned it.
+fn lock(parser: &Mutex<vt100::Parser>) -> MutexGuard<'_, vt100::Parser> {
+    parser.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn screen_text(screen: &vt100::Screen) -> String {
+    screen.rows(0, COLS).collect::<Vec<_>>().join("\n")
+}
+
+/// The bottom row: plait's status line.
+fn status_line(text: &str) -> &str {
+    text.lines().last().unwrap_or_default()
+}
+
+fn status_has(text: &str, parts: &[&str]) -> bool {
+    let status = status_line(text);
+    parts.iter().all(|part| status.contains(part))
+}
+
+/// Whether the chat shows a `you` header, then `hello`, then a finished `plait` answer header
+/// (no "(failed)" or "(cancelled)" after it), in that order from the top.
+fn chat_has_answer(text: &str) -> bool {
+    let rows: Vec<&str> = text.lines().map(str::trim).collect();
+    let Some(you) = rows.iter().position(|r| *r == "you") else {
+        return false;
+    };
+    let Some(hello) = rows[you + 1..].iter().position(|r| *r == "hello") else {
+        return false;
+    };
+    rows[you + 1 + hello + 1..].contains(&"plait")
+}
+
+#[test]
+fn tui_chat_loops_and_quit_in_a_pty() {
+    let mut s = Session::start();
+
+    // 1. The UI comes up at once; the worker loads the model, then the status line says idle.
+    s.wait_for("the model to load (status: idle)", STEP, |t| {
+        status_has(t, &["plt-tiny-2loop", "loops 2/2", "idle"])
+    });
+
+    // 2. A message gets a streamed answer.
+    s.send(b"hello\r");
+    s.wait_for(
+        "the answer to finish (status: tok/s and idle, chat: you / hello / plait)",
+        ANSWER,
+        |t| status_has(t, &["tok/s", "idle"]) && chat_has_answer(t),
+    );
+
+    // 3. Alt+Up (xterm's CSI 1;3 A): one more loop than trained, shown as such.
+    s.send(b"\x1b[1;3A");
+    s.wait_for("Alt+Up to show loops 3/2", STEP, |t| {
+        status_has(t, &["loops 3/2"])
+    });
+
+    // 4. F2 (SS3 Q): one loop fewer.
+    s.send(b"\x1bOQ");
+    s.wait_for("F2 to show loops 2/2", STEP, |t| {
+        status_has(t, &["loops 2/2"])
+    });
+
+    // 5. A lone Esc while idle does nothing.
+    s.send(b"\x1b");
+    std::thread::sleep(ESC_PAUSE);
+    let text = s.wait_for("the status line to still say idle after Esc", STEP, |t| {
+        status_has(t, &["idle", "loops 2/2"])
+    });
+    assert!(chat_has_answer(&text), "Esc changed the chat\n{}", s.dump());
+
+    // 6. Ctrl+C arms the quit; a second one quits, with success.
+    s.send(b"\x03");
+    s.wait_for("the Ctrl+C notice", STEP, |t| {
+        t.contains("press Ctrl+C again to quit")
+    });
+    s.send(b"\x03");
+    let start = Instant::now();
+    let status = loop {
+        match s.child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() > EXIT => {
+                panic!(
+                    "plait did not exit within {EXIT:?} of the second Ctrl+C\n{}",
+                    s.dump()
+                )
+            }
+            Ok(None) => std::thread::sleep(POLL),
+            Err(e) => panic!("waiting for plait: {e}\n{}", s.dump()),
+        }
+    };
+    // Everything plait wrote, the terminal restore included, must be parsed before the checks.
+    assert!(
+        s.wait_reader(EXIT),
+        "the pty did not reach end of file after plait exited\n{}",
+        s.dump()
+    );
+    assert!(
+        status.success(),
+        "plait exited with {status:?}\n{}",
+        s.dump()
+    );
+
+    // 7. The terminal is restored.
+    let parser = s.screen();
+    let screen = parser.screen();
+    let text = screen_text(screen);
+    assert!(
+        !screen.alternate_screen(),
+        "still in the alternate screen after exit\n{text}"
+    );
+    assert!(
+        !screen.bracketed_paste(),
+        "bracketed paste still on after exit\n{text}"
+    );
+    assert_eq!(
+        screen.mouse_protocol_mode(),
+        vt100::MouseProtocolMode::None,
+        "mouse capture still on after exit\n{text}"
+    );
+    assert_eq!(
+        screen.mouse_protocol_encoding(),
+        vt100::MouseProtocolEncoding::Default,
+        "SGR mouse encoding still on after exit\n{text}"
+    );
+    assert!(
+        !screen.hide_cursor(),
+        "cursor still hidden after exit\n{text}"
+    );
+    // The main screen is as plait found it: blank, no error or panic printed over it.
+    assert!(
+        text.trim().is_empty(),
+        "plait left text on the main screen:\n{text}"
+    );
+}
