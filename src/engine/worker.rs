@@ -80,7 +80,9 @@ fn model_info(loaded: &LoadedModel, options: &EngineOptions, loops: usize) -> Mo
 
 fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
     sink(Event::Loading(0.0));
-    let loaded = match LoadedModel::load(&options.model, &Device::Cpu) {
+    let loaded = match LoadedModel::load_with_progress(&options.model, &Device::Cpu, &mut |p| {
+        sink(Event::Loading(p))
+    }) {
         Ok(loaded) => loaded,
         Err(e) => {
             sink(Event::LoadFailed(format!(

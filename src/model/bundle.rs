@@ -27,10 +27,19 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads a checkpoint directory in the LoopCoder-V2 layout, or a `.gguf` file.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_with_progress(dir, device, &mut |_| {})
+    }
+
+    /// `load`, reporting the fraction of the weights loaded.
+    pub fn load_with_progress(
+        dir: &Path,
+        device: &Device,
+        progress: &mut dyn FnMut(f32),
+    ) -> Result<Self> {
         if dir.is_file() {
-            return Self::load_gguf(dir, device);
+            return Self::load_gguf(dir, device, progress);
         }
-        let model = PltModel::load(dir, device)?;
+        let model = PltModel::load_with_progress(dir, device, progress)?;
         let config = TokenizerConfig::from_dir(dir)?;
         let tokenizer = TextTokenizer::from_dir(dir, &config)?;
         let template = ChatTemplate::from_dir(dir, &config)?;
@@ -41,9 +50,9 @@ impl LoadedModel {
     }
 
     /// A GGUF file carries its tokenizer and chat template in its metadata.
-    fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
+    fn load_gguf(path: &Path, device: &Device, progress: &mut dyn FnMut(f32)) -> Result<Self> {
         let mut gguf = GgufWeights::open(path, device)?;
-        let model = PltModel::from_gguf(&mut gguf, device)?;
+        let model = PltModel::from_gguf(&mut gguf, device, progress)?;
         let tokenizer = tokenizer_from_gguf(gguf.content(), path)?;
         let template = match chat_template_from_gguf(gguf.content()) {
             Some(text) => ChatTemplate::new(

@@ -93,8 +93,17 @@ const IDENTITY_GATE_BIAS: f32 = 60.0;
 impl PltModel {
     /// Loads a checkpoint directory (config.json + safetensors) or a `.gguf` file onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with_progress(path, device, &mut |_| {})
+    }
+
+    /// `load`, reporting the fraction of layers loaded.
+    pub fn load_with_progress(
+        path: &Path,
+        device: &Device,
+        progress: &mut dyn FnMut(f32),
+    ) -> Result<Self> {
         if path.is_file() {
-            return Self::from_gguf(&mut GgufWeights::open(path, device)?, device);
+            return Self::from_gguf(&mut GgufWeights::open(path, device)?, device, progress);
         }
         if !path.is_dir() {
             return Err(ModelError::NotFound {
@@ -110,13 +119,17 @@ impl PltModel {
             DType::BF16
         };
         let mut checkpoint = SafetensorsWeights::new(Checkpoint::open(path)?, dtype, device);
-        Self::from_source(config, &mut checkpoint, device, dtype)
+        Self::from_source(config, &mut checkpoint, device, dtype, progress)
     }
 
     /// Loads the model of an opened GGUF file; quantized matrices stay quantized.
-    pub fn from_gguf(gguf: &mut GgufWeights, device: &Device) -> Result<Self> {
+    pub fn from_gguf(
+        gguf: &mut GgufWeights,
+        device: &Device,
+        progress: &mut dyn FnMut(f32),
+    ) -> Result<Self> {
         let config = gguf.config()?;
-        Self::from_source(config, gguf, device, DType::F32)
+        Self::from_source(config, gguf, device, DType::F32, progress)
     }
 
     fn from_source(
@@ -124,6 +137,7 @@ impl PltModel {
         source: &mut dyn WeightSource,
         device: &Device,
         dtype: DType,
+        progress: &mut dyn FnMut(f32),
     ) -> Result<Self> {
         let c = &config;
         let (d, h, kv, hd) = (
@@ -188,6 +202,7 @@ impl PltModel {
                 down_proj: matrix(source, "mlp.down_proj", &[d, ffn])?,
                 plt_gate,
             });
+            progress((i + 1) as f32 / c.num_hidden_layers as f32);
         }
         let norm = source.tensor("model.norm.weight", &[d])?;
         let inv_freq = (0..hd / 2)

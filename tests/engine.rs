@@ -1,0 +1,159 @@
+//! The engine's worker thread over the real model: load, stream, loop changes, cancel, reuse.
+
+mod common;
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use plait::engine::{Engine, EngineOptions, Event, Request, StopReason, TurnStats};
+use plait::model::{ChatMessage, SamplingParams};
+
+fn start(loops: Option<usize>) -> (Engine, mpsc::Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let engine = Engine::spawn(
+        EngineOptions {
+            model: fixture("plt-tiny-2loop"),
+            loops,
+        },
+        move |event| {
+            let _ = tx.send(event);
+        },
+    )
+    .unwrap();
+    (engine, rx)
+}
+
+fn next(rx: &mpsc::Receiver<Event>) -> Event {
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the engine went quiet")
+}
+
+/// Events until the turn's Done, with the Done.
+fn until_done(rx: &mpsc::Receiver<Event>) -> (Vec<Event>, TurnStats) {
+    let mut seen = Vec::new();
+    loop {
+        match next(rx) {
+            Event::Done(stats) => return (seen, stats),
+            Event::Error(e) => panic!("engine error: {e}"),
+            other => seen.push(other),
+        }
+    }
+}
+
+fn ask(messages: &[ChatMessage], max_tokens: usize) -> Request {
+    Request::Generate {
+        messages: messages.to_vec(),
+        sampling: SamplingParams::default(),
+        max_tokens,
+    }
+}
+
+#[test]
+fn the_worker_loads_streams_and_keeps_the_cache_across_turns() {
+    let (engine, rx) = start(None);
+    let info = loop {
+        match next(&rx) {
+            Event::Loading(p) => assert!((0.0..=1.0).contains(&p)),
+            Event::Loaded(info) => break info,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!((info.trained_loops, info.loops, info.window), (2, 2, 4));
+
+    let mut messages = vec![ChatMessage::new(
+        "user",
+        "Write a function that adds two numbers.",
+    )];
+    engine.send(ask(&messages, 8));
+    let (events, first) = until_done(&rx);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::PrefillProgress { done, total } if done == total)));
+    let text: String = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(first.reused_tokens, 0);
+    assert!(first.tokens > 0 && first.context_used > 0 && first.kv_bytes > 0);
+
+    // A follow-up carries the answer: the rendered prompt shares the cached prefix.
+    messages.push(ChatMessage::new("assistant", text));
+    messages.push(ChatMessage::new("user", "Now in Rust."));
+    engine.send(ask(&messages, 4));
+    let (_, second) = until_done(&rx);
+    assert!(
+        second.reused_tokens > 10,
+        "only {} positions reused",
+        second.reused_tokens
+    );
+}
+
+#[test]
+fn loops_change_mid_answer_and_cancel_keeps_the_partial_answer() {
+    let (engine, rx) = start(Some(2));
+    while !matches!(next(&rx), Event::Loaded(_)) {}
+    engine.send(ask(
+        &[ChatMessage::new("user", "Count to one hundred.")],
+        400,
+    ));
+    // Wait for the answer to start, then change loops and cancel while it streams.
+    while !matches!(next(&rx), Event::Token { .. }) {}
+    engine.send(Request::SetLoops(3));
+    let mut changed = false;
+    let mut cancelled_sent = false;
+    let stats = loop {
+        match next(&rx) {
+            Event::LoopsChanged(3) => {
+                changed = true;
+                if !cancelled_sent {
+                    engine.send(Request::Cancel);
+                    cancelled_sent = true;
+                }
+            }
+            Event::Done(stats) => break stats,
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    };
+    assert!(changed);
+    assert_eq!(stats.stop_reason, StopReason::Cancelled);
+    assert!(stats.tokens >= 1 && stats.tokens < 400);
+
+    engine.send(Request::SetLoops(1));
+    assert_eq!(next(&rx), Event::LoopsChanged(1));
+    engine.send(Request::Reset);
+    assert_eq!(next(&rx), Event::ResetDone);
+    engine.send(ask(&[ChatMessage::new("user", "hi")], 2));
+    let (_, stats) = until_done(&rx);
+    assert_eq!(stats.reused_tokens, 0, "reset forgets the cache");
+}
+
+#[test]
+fn a_missing_model_is_reported_not_a_crash() {
+    let (tx, rx) = mpsc::channel();
+    let engine = Engine::spawn(
+        EngineOptions {
+            model: "/no/such/model".into(),
+            loops: None,
+        },
+        move |event| {
+            let _ = tx.send(event);
+        },
+    )
+    .unwrap();
+    loop {
+        match next(&rx) {
+            Event::Loading(_) => {}
+            Event::LoadFailed(message) => {
+                assert!(message.contains("/no/such/model"), "{message}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(engine);
+}
