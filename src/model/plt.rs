@@ -405,9 +405,9 @@ impl PltModel {
                 logits = match logits_wanted {
                     Logits::None => None,
                     Logits::Last => {
-                        Some(self.lm_head.forward(&normed.narrow(0, rows - 1, 1)?)?)
+                        Some(matmul(&self.lm_head, &normed.narrow(0, rows - 1, 1)?)?)
                     }
-                    Logits::All => Some(self.lm_head.forward(&normed)?),
+                    Logits::All => Some(matmul(&self.lm_head, &normed)?),
                 };
             }
         }
@@ -659,9 +659,9 @@ impl PltModel {
         let rows = h.dim(0)?;
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let x = rms_norm(h, &layer.input_norm, c.rms_norm_eps as f32)?;
-        let q = layer.q_proj.forward(&x)?.reshape((rows, heads, hd))?;
-        let k = layer.k_proj.forward(&x)?.reshape((rows, kv_heads, hd))?;
-        let v = layer.v_proj.forward(&x)?.reshape((rows, kv_heads, hd))?;
+        let q = matmul(&layer.q_proj, &x)?.reshape((rows, heads, hd))?;
+        let k = matmul(&layer.k_proj, &x)?.reshape((rows, kv_heads, hd))?;
+        let v = matmul(&layer.v_proj, &x)?.reshape((rows, kv_heads, hd))?;
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
         let attn = match *step {
@@ -732,11 +732,11 @@ impl PltModel {
                 }
             }
         };
-        let h = (h + layer.o_proj.forward(&attn)?)?;
+        let h = (h + matmul(&layer.o_proj, &attn)?)?;
         let y = rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps as f32)?;
         let mlp =
-            candle_nn::ops::silu(&layer.gate_proj.forward(&y)?)? * layer.up_proj.forward(&y)?;
-        Ok((&h + layer.down_proj.forward(&mlp?)?)?)
+            candle_nn::ops::silu(&matmul(&layer.gate_proj, &y)?)? * matmul(&layer.up_proj, &y)?;
+        Ok((&h + matmul(&layer.down_proj, &mlp?)?)?)
     }
 }
 
@@ -746,7 +746,7 @@ impl DecoderLayer {
         let logits = match &self.plt_gate {
             Some(PltGate::HiddenState { weight, bias, norm }) => {
                 let normed = rms_norm(r, norm, eps as f32)?;
-                weight.forward(&normed)?.broadcast_add(bias)?
+                matmul(weight, &normed)?.broadcast_add(bias)?
             }
             Some(PltGate::Query { weight, bias }) => q
                 .broadcast_mul(weight)?
@@ -756,6 +756,22 @@ impl DecoderLayer {
             None => return Err(ModelError::NoPltGates(2)),
         };
         Ok(sigmoid(&logits)?)
+    }
+}
+
+/// Rows from which a quantized matrix is dequantized for one f32 GEMM: the quantized
+/// kernels redo their unpacking for every row, while a GEMM over a block of prompt rows runs
+/// near the CPU's peak; dequantizing costs one pass over the weights per chunk.
+const DEQUANTIZE_FROM_ROWS: usize = 32;
+
+/// `x @ w^T`, through the quantized kernels for few rows (decode) and f32 GEMM for many (prefill).
+fn matmul(w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
+    match w {
+        QMatMul::QTensor(q) if x.dim(0)? >= DEQUANTIZE_FROM_ROWS => {
+            let dense = q.dequantize(&x.device())?;
+            x.matmul(&dense.t()?)
+        }
+        _ => w.forward(x),
     }
 }
 
