@@ -404,9 +404,7 @@ impl PltModel {
             } else {
                 logits = match logits_wanted {
                     Logits::None => None,
-                    Logits::Last => {
-                        Some(matmul(&self.lm_head, &normed.narrow(0, rows - 1, 1)?)?)
-                    }
+                    Logits::Last => Some(matmul(&self.lm_head, &normed.narrow(0, rows - 1, 1)?)?),
                     Logits::All => Some(matmul(&self.lm_head, &normed)?),
                 };
             }

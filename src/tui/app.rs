@@ -77,6 +77,8 @@ pub struct Cell {
     pub text: String,
     /// Where it stands.
     pub status: CellStatus,
+    /// Files attached with `@path`, sent to the model after the text but not shown.
+    pub attachments: Vec<(PathBuf, String)>,
 }
 
 impl Cell {
@@ -85,8 +87,32 @@ impl Cell {
             role,
             text: text.into(),
             status: CellStatus::Done,
+            attachments: Vec::new(),
         }
     }
+
+    /// The text the model sees: the message, then any attached files.
+    fn content(&self) -> String {
+        let mut content = self.text.clone();
+        for (path, text) in &self.attachments {
+            content.push_str(&format!(
+                "\n\n{}\n```\n{}\n```",
+                path.display(),
+                text.trim_end()
+            ));
+        }
+        content
+    }
+}
+
+/// The `@path` words of a message.
+pub fn attachment_paths(text: &str) -> Vec<PathBuf> {
+    text.split_whitespace()
+        .filter_map(|w| w.strip_prefix('@'))
+        .map(|p| p.trim_end_matches([',', '.', ';', ':', ')', '?', '!']))
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// What the engine is doing, as the status line shows it.
@@ -208,6 +234,8 @@ pub enum AppEvent {
     },
     /// A transcript was saved (or not).
     Saved(Result<PathBuf, String>),
+    /// The files a message names with `@path` were read.
+    AttachmentsRead(Vec<(PathBuf, Result<String, String>)>),
 }
 
 /// What the runtime must do after an update.
@@ -217,6 +245,8 @@ pub enum Effect {
     Send(Request),
     /// Read a file, then report `AppEvent::FileRead`.
     ReadFile(PathBuf),
+    /// Read the files a message attaches, then report `AppEvent::AttachmentsRead`.
+    ReadAttachments(Vec<PathBuf>),
     /// Write the transcript, then report `AppEvent::Saved`.
     Save {
         /// Where.
@@ -309,7 +339,7 @@ impl App {
         }
         for cell in &self.cells {
             match cell.role {
-                Role::User => messages.push(ChatMessage::new("user", cell.text.as_str())),
+                Role::User => messages.push(ChatMessage::new("user", cell.content())),
                 Role::Assistant => messages.push(ChatMessage::new("assistant", cell.text.as_str())),
                 Role::Notice => {}
             }
@@ -369,6 +399,7 @@ pub fn update(app: &mut App, event: AppEvent) -> Vec<Effect> {
             }
             Vec::new()
         }
+        AppEvent::AttachmentsRead(read) => attachments_read(app, read),
         AppEvent::Saved(result) => {
             match result {
                 Ok(path) => app.notice(format!("saved the transcript to {}", path.display())),
@@ -558,11 +589,49 @@ fn submit(app: &mut App) -> Vec<Effect> {
         app.notice("an answer is still streaming: wait, or press Esc to cancel it");
         return Vec::new();
     }
+    let paths = attachment_paths(&text);
     app.cells.push(Cell::new(Role::User, text));
+    if !paths.is_empty() {
+        // The message goes out once its files are read.
+        if let Some(cell) = app.cells.last_mut() {
+            cell.status = CellStatus::Streaming;
+        }
+        return vec![Effect::ReadAttachments(paths)];
+    }
+    start_answer(app)
+}
+
+fn attachments_read(app: &mut App, read: Vec<(PathBuf, Result<String, String>)>) -> Vec<Effect> {
+    let Some(index) = app
+        .cells
+        .iter()
+        .rposition(|c| c.role == Role::User && c.status == CellStatus::Streaming)
+    else {
+        return Vec::new();
+    };
+    let mut failed = Vec::new();
+    for (path, result) in read {
+        match result {
+            Ok(text) => app.cells[index].attachments.push((path, text)),
+            Err(e) => failed.push(format!("@{}: {e}", path.display())),
+        }
+    }
+    if !failed.is_empty() {
+        // Nothing is sent: the message stays in the history to edit with Up.
+        app.cells.remove(index);
+        app.notice(format!("cannot attach {}", failed.join("; ")));
+        return Vec::new();
+    }
+    app.cells[index].status = CellStatus::Done;
+    start_answer(app)
+}
+
+fn start_answer(app: &mut App) -> Vec<Effect> {
     app.cells.push(Cell {
         role: Role::Assistant,
         text: String::new(),
         status: CellStatus::Streaming,
+        attachments: Vec::new(),
     });
     app.scroll_from_bottom = 0;
     app.readout.state = EngineState::Prefill(0.0);
@@ -1014,6 +1083,42 @@ mod tests {
         assert!(app.help);
         update(&mut app, key(KeyCode::Esc));
         assert!(!app.help);
+    }
+
+    #[test]
+    fn at_path_attaches_a_file_to_the_message_before_it_is_sent() {
+        let mut app = app();
+        type_text(&mut app, "explain @src/lib.rs please");
+        assert_eq!(
+            update(&mut app, key(KeyCode::Enter)),
+            vec![Effect::ReadAttachments(vec!["src/lib.rs".into()])]
+        );
+        let effects = update(
+            &mut app,
+            AppEvent::AttachmentsRead(vec![("src/lib.rs".into(), Ok("pub mod tui;".into()))]),
+        );
+        let [Effect::Send(Request::Generate { messages, .. })] = effects.as_slice() else {
+            panic!("{effects:?}");
+        };
+        assert!(messages[0]
+            .content
+            .starts_with("explain @src/lib.rs please"));
+        assert!(messages[0].content.contains("pub mod tui;"));
+        // A file that cannot be read stops the message with a one-line error.
+        type_text(&mut app, "and @nope.rs");
+        update(&mut app, done(StopReason::Eos));
+        update(&mut app, key(KeyCode::Enter));
+        let effects = update(
+            &mut app,
+            AppEvent::AttachmentsRead(vec![("nope.rs".into(), Err("not found".into()))]),
+        );
+        assert!(effects.is_empty());
+        assert!(app
+            .cells
+            .last()
+            .unwrap()
+            .text
+            .contains("cannot attach @nope.rs: not found"));
     }
 
     #[test]

@@ -100,20 +100,17 @@ async fn drive(
         };
         let Some(event) = event else { continue };
         dirty = true;
-        let mut queue = vec![event];
+        let mut queue = std::collections::VecDeque::from([event]);
         // Drain what the engine has sent meanwhile: one redraw for a burst of tokens.
         while let Ok(more) = engine_rx.try_recv() {
-            queue.push(AppEvent::Engine(more));
+            queue.push_back(AppEvent::Engine(more));
         }
-        for event in queue {
+        while let Some(event) = queue.pop_front() {
             for effect in update(app, event) {
-                if let Some(follow_up) = apply(effect, engine) {
-                    if follow_up == Followup::Quit {
-                        return Ok(());
-                    }
-                    if let Followup::Event(event) = follow_up {
-                        update(app, event);
-                    }
+                match apply(effect, engine) {
+                    Some(Followup::Quit) => return Ok(()),
+                    Some(Followup::Event(event)) => queue.push_back(event),
+                    None => {}
                 }
             }
         }
@@ -140,6 +137,16 @@ fn apply(effect: Effect, engine: &Engine) -> Option<Followup> {
         Effect::ReadFile(path) => {
             let result = std::fs::read_to_string(&path).map_err(|e| e.to_string());
             Some(Followup::Event(AppEvent::FileRead { path, result }))
+        }
+        Effect::ReadAttachments(paths) => {
+            let read = paths
+                .into_iter()
+                .map(|path| {
+                    let result = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+                    (path, result)
+                })
+                .collect();
+            Some(Followup::Event(AppEvent::AttachmentsRead(read)))
         }
         Effect::Save { path, text } => Some(Followup::Event(AppEvent::Saved(save(&path, &text)))),
     }

@@ -292,14 +292,28 @@ fn draw_help(frame: &mut Frame<'_>, app: &App, area: Rect) {
         "Commands",
         Style::default().add_modifier(Modifier::BOLD),
     ));
-    for (name, what) in COMMANDS {
-        lines.push(Line::from(vec![
-            Span::styled(format!("  {name:<20}"), style(app, Color::Cyan)),
-            Span::raw(*what),
-        ]));
+    let full = lines.len() + COMMANDS.len() + 4 <= area.height as usize;
+    if full {
+        for (name, what) in COMMANDS {
+            lines.push(Line::from(vec![
+                Span::styled(format!("  {name:<20}"), style(app, Color::Cyan)),
+                Span::raw(*what),
+            ]));
+        }
+    } else {
+        // A short screen lists the names only; typing `/` shows what each does.
+        for row in COMMANDS.chunks(5) {
+            let names: String = row
+                .iter()
+                .map(|(name, _)| format!("  {name:<12}"))
+                .collect();
+            lines.push(Line::styled(names, style(app, Color::Cyan)));
+        }
     }
     lines.push(Line::default());
-    lines.push(Line::raw("  Esc closes this help."));
+    lines.push(Line::raw(
+        "  @path in a message attaches that file to it. Esc closes this help.",
+    ));
     let width = area.width.saturating_sub(4).min(78);
     let height = (lines.len() as u16 + 2).min(area.height.saturating_sub(2));
     let popup = Rect {
