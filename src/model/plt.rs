@@ -766,7 +766,7 @@ const DEQUANTIZE_FROM_ROWS: usize = 32;
 fn matmul(w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
     match w {
         QMatMul::QTensor(q) if x.dim(0)? >= DEQUANTIZE_FROM_ROWS => {
-            let dense = q.dequantize(&x.device())?;
+            let dense = q.dequantize(x.device())?;
             x.matmul(&dense.t()?)
         }
         _ => w.forward(x),
