@@ -8,6 +8,7 @@ mod convert;
 mod error;
 mod gguf;
 mod gguf_tokenizer;
+pub(crate) mod kernels;
 mod plt;
 mod sampling;
 mod sentencepiece;

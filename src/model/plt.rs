@@ -1,6 +1,7 @@
 //! The PLT forward pass: loop-by-loop prefill and cross-loop-parallel decode.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -10,6 +11,7 @@ use super::cache::{CacheShape, PltCache};
 use super::config::PltConfig;
 use super::error::{ModelError, Result, MAX_LOOPS};
 use super::gguf::GgufWeights;
+use super::kernels::Q41Matrix;
 use super::weights::{Checkpoint, SafetensorsWeights, WeightSource};
 
 /// Positions prefilled per chunk: bounds the attention score matrix of a long prompt.
@@ -19,7 +21,7 @@ const PREFILL_CHUNK: usize = 512;
 enum PltGate {
     /// `sigmoid(weight @ gate_norm(r) + bias)` on the layer's input r.
     HiddenState {
-        weight: QMatMul,
+        weight: Matrix,
         bias: Tensor,
         norm: Tensor,
     },
@@ -30,13 +32,13 @@ enum PltGate {
 struct DecoderLayer {
     input_norm: Tensor,
     post_attention_norm: Tensor,
-    q_proj: QMatMul,
-    k_proj: QMatMul,
-    v_proj: QMatMul,
-    o_proj: QMatMul,
-    gate_proj: QMatMul,
-    up_proj: QMatMul,
-    down_proj: QMatMul,
+    q_proj: Matrix,
+    k_proj: Matrix,
+    v_proj: Matrix,
+    o_proj: Matrix,
+    gate_proj: Matrix,
+    up_proj: Matrix,
+    down_proj: Matrix,
     plt_gate: Option<PltGate>,
 }
 
@@ -79,7 +81,7 @@ pub struct PltModel {
     embed: QMatMul,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Matrix,
     /// RoPE inverse frequencies, `[head_dim/2]`, in f64 for exact angles.
     inv_freq: Vec<f64>,
     /// GGUF llama files store q/k rows permuted for interleaved RoPE; rotating adjacent
@@ -147,13 +149,15 @@ impl PltModel {
             c.head_dim,
         );
         let embed = source.matrix("model.embed_tokens.weight", &[c.vocab_size, d])?;
-        let lm_head = if c.tie_word_embeddings
-            || (!source.contains("lm_head.weight") && source.ties_missing_head())
-        {
-            embed.clone()
-        } else {
-            source.matrix("lm_head.weight", &[c.vocab_size, d])?
-        };
+        let lm_head = Matrix::new(
+            if c.tie_word_embeddings
+                || (!source.contains("lm_head.weight") && source.ties_missing_head())
+            {
+                embed.clone()
+            } else {
+                source.matrix("lm_head.weight", &[c.vocab_size, d])?
+            },
+        );
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -161,7 +165,7 @@ impl PltModel {
             let plt_gate = if source.contains(&gate_name) || c.plt_num_loops > 1 {
                 Some(if c.plt_gate_use_hidden_states {
                     PltGate::HiddenState {
-                        weight: source.matrix(&gate_name, &[h, d])?,
+                        weight: Matrix::new(source.matrix(&gate_name, &[h, d])?),
                         bias: source.tensor(&format!("{p}.self_attn.plt_gate.bias"), &[h])?,
                         norm: source
                             .tensor(&format!("{p}.self_attn.plt_gate.gate_norm.weight"), &[d])?,
@@ -187,7 +191,9 @@ impl PltModel {
                 source.tensor(&format!("{p}.{name}.weight"), &[d])
             };
             let matrix = |source: &mut dyn WeightSource, name: &str, shape: &[usize]| {
-                source.matrix(&format!("{p}.{name}.weight"), shape)
+                source
+                    .matrix(&format!("{p}.{name}.weight"), shape)
+                    .map(Matrix::new)
             };
             let ffn = c.intermediate_size;
             layers.push(DecoderLayer {
@@ -241,9 +247,9 @@ impl PltModel {
         let head = if self.config.tie_word_embeddings {
             0
         } else {
-            matrix_elems(&self.lm_head)
+            matrix_elems(&self.lm_head.candle)
         };
-        (matrices.map(matrix_elems).sum::<usize>()
+        (matrices.map(|m| matrix_elems(&m.candle)).sum::<usize>()
             + vectors.map(Tensor::elem_count).sum::<usize>()
             + matrix_elems(&self.embed)
             + head
@@ -252,7 +258,7 @@ impl PltModel {
 
     /// How the layers' weight matrices are stored ("F32", "Q4_1", ...).
     pub fn weight_storage(&self) -> String {
-        match self.layers.first().map(|l| &l.q_proj) {
+        match self.layers.first().map(|l| &l.q_proj.candle) {
             Some(QMatMul::QTensor(t)) => format!("{:?}", t.dtype()),
             Some(QMatMul::Tensor(t)) | Some(QMatMul::TensorF16(t)) => {
                 t.dtype().as_str().to_uppercase()
@@ -454,10 +460,7 @@ impl PltModel {
         }
         cache.tokens.push(id);
         cache.computed_positions += 1;
-        Ok(self
-            .lm_head
-            .forward(&normed.narrow(0, loops - 1, 1)?)?
-            .squeeze(0)?)
+        Ok(matmul(&self.lm_head, &normed.narrow(0, loops - 1, 1)?)?.squeeze(0)?)
     }
 
     /// Drops cached positions from `len` on; loops >= 1 are rebuilt to match a fresh run.
@@ -762,14 +765,39 @@ impl DecoderLayer {
 /// near the CPU's peak; dequantizing costs one pass over the weights per chunk.
 const DEQUANTIZE_FROM_ROWS: usize = 32;
 
-/// `x @ w^T`, through the quantized kernels for few rows (decode) and f32 GEMM for many (prefill).
-fn matmul(w: &QMatMul, x: &Tensor) -> candle_core::Result<Tensor> {
-    match w {
-        QMatMul::QTensor(q) if x.dim(0)? >= DEQUANTIZE_FROM_ROWS => {
+/// A weight matrix: candle's (quantized or dense), and for Q4_1 plait's multi-row kernel,
+/// which unpacks each weight block once for all the rows of a decode step.
+#[derive(Clone)]
+struct Matrix {
+    candle: QMatMul,
+    q4_1: Option<Arc<Q41Matrix>>,
+}
+
+impl Matrix {
+    fn new(candle: QMatMul) -> Self {
+        let q4_1 = match &candle {
+            QMatMul::QTensor(t) => Q41Matrix::from_qtensor(t).map(Arc::new),
+            _ => None,
+        };
+        Self { candle, q4_1 }
+    }
+}
+
+/// `x @ w^T`: plait's Q4_1 kernel or candle's quantized kernels for few rows (decode),
+/// one f32 GEMM for many (prefill).
+fn matmul(w: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
+    let rows = x.dim(0)?;
+    match (&w.candle, &w.q4_1) {
+        (QMatMul::QTensor(q), _) if rows >= DEQUANTIZE_FROM_ROWS => {
             let dense = q.dequantize(x.device())?;
             x.matmul(&dense.t()?)
         }
-        _ => w.forward(x),
+        (_, Some(fast)) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let out = fast.matmul(&input, rows);
+            Tensor::from_vec(out, (rows, fast.n()), x.device())
+        }
+        _ => w.candle.forward(x),
     }
 }
 
