@@ -3,4 +3,5 @@
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod patch;
 pub mod tui;
