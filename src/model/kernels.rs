@@ -265,11 +265,13 @@ mod avx2 {
             let mut macc = [_mm256_setzero_ps(); C];
             for b in 0..kb {
                 let ys = &qs8[b * R * QK..(b + 1) * R * QK];
+                // The range is exactly MAX_ROWS long, so the conversion cannot fail.
                 let s: &[f32; MAX_ROWS] = s8[b * MAX_ROWS..(b + 1) * MAX_ROWS].try_into().unwrap();
                 // SAFETY: `s` is 8 f32s, exactly one unaligned 256-bit load.
                 let s = unsafe { _mm256_loadu_ps(s.as_ptr()) };
                 for c in 0..C {
                     let off = c * col_bytes + b * BLOCK_BYTES;
+                    // The range is exactly BLOCK_BYTES long, so the conversion cannot fail.
                     let blk: &[u8; BLOCK_BYTES] = ws[off..off + BLOCK_BYTES].try_into().unwrap();
                     let dm = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
                     let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
