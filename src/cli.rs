@@ -170,15 +170,8 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct AskArgs {
-    /// Checkpoint directory or .gguf file; default: the default model.
-    #[arg(long, value_name = "PATH")]
-    model: Option<PathBuf>,
-    /// Loop count (1..=8); defaults to the checkpoint's plt_num_loops.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
-    loops: Option<u8>,
-    /// Print the generate JSON (with `text`) instead of streaming.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    model: ModelArgs,
     /// System prompt (the template's own default when absent).
     #[arg(long, value_name = "TEXT")]
     system: Option<String>,
@@ -418,8 +411,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 fn ask(args: AskArgs) -> Result<()> {
-    let dir = &model_path(args.model.as_deref())?;
-    let (loaded, loops) = load(dir, args.loops)?;
+    let dir = &model_path(args.model.model.as_deref())?;
+    let (loaded, loops) = load(dir, args.model.loops)?;
     let tok = tokenizer(&loaded, dir)?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
@@ -428,7 +421,7 @@ fn ask(args: AskArgs) -> Result<()> {
     messages.push(ChatMessage::new("user", args.question.as_str()));
     let rendered = loaded.template.render(&messages, true)?;
     let prompt = tok.encode(&rendered, false)?;
-    if args.json {
+    if args.model.json {
         let out = run_generation(&loaded, loops, &prompt, &args.sampling, None)?;
         println!("{}", generation_json(&loaded, prompt.len(), loops, &out)?);
         return Ok(());
