@@ -441,14 +441,18 @@ fn ask(args: AskArgs) -> Result<()> {
     Ok(())
 }
 
+/// Sets the worker thread count; called before any model code runs.
+fn set_threads(threads: usize) {
+    // candle's CPU kernels size their thread pools from this variable on first use.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+}
+
 fn bench(args: BenchArgs) -> Result<()> {
     if let Some(threads) = args.threads {
         if threads == 0 {
             bail!("--threads must be at least 1");
         }
-        // candle's CPU kernels size their thread pools from this variable on first use;
-        // nothing has used them yet at this point.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        set_threads(threads);
     }
     let threads = args
         .threads
@@ -558,8 +562,7 @@ fn convert(args: ConvertArgs) -> Result<()> {
 fn tui(args: TuiArgs) -> Result<()> {
     let config = AppConfig::load(args.config.as_deref(), &args.overrides)?;
     if let Some(threads) = config.threads {
-        // candle's CPU kernels size their thread pools from this on first use, which is later.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        set_threads(threads);
     }
     let model = model_path(args.model.as_deref().or(config.model.as_deref()))?;
     let options = TuiOptions {

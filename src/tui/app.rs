@@ -840,12 +840,13 @@ pub fn wheel(kind: MouseEventKind) -> Option<AppEvent> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn app() -> App {
+    /// An app whose engine has loaded plt-tiny-2loop (2 trained loops, window 4).
+    pub(crate) fn loaded_app() -> App {
         let mut app = App::new(
-            "tiny",
+            "plt-tiny-2loop",
             Settings {
                 sampling: SamplingParams::default(),
                 max_tokens: 64,
@@ -856,9 +857,9 @@ mod tests {
         update(
             &mut app,
             AppEvent::Engine(EngineEvent::Loaded(ModelInfo {
-                name: "tiny".into(),
-                path: "tiny".into(),
-                parameters: 1000,
+                name: "plt-tiny-2loop".into(),
+                path: "tests/fixtures/plt-tiny-2loop".into(),
+                parameters: 160_000,
                 quantization: "F32".into(),
                 trained_loops: 2,
                 loops: 2,
@@ -904,7 +905,7 @@ mod tests {
 
     #[test]
     fn sending_a_message_asks_the_engine_with_the_whole_conversation() {
-        let mut app = app();
+        let mut app = loaded_app();
         type_text(&mut app, "hello");
         let effects = update(&mut app, key(KeyCode::Enter));
         let [Effect::Send(Request::Generate {
@@ -924,7 +925,7 @@ mod tests {
 
     #[test]
     fn tokens_stream_into_the_answer_and_done_reports_the_figures() {
-        let mut app = app();
+        let mut app = loaded_app();
         type_text(&mut app, "hi");
         update(&mut app, key(KeyCode::Enter));
         update(&mut app, token("Hel", 40));
@@ -951,7 +952,7 @@ mod tests {
 
     #[test]
     fn esc_and_ctrl_c_cancel_and_a_cancelled_answer_stays_marked() {
-        let mut app = app();
+        let mut app = loaded_app();
         type_text(&mut app, "hi");
         update(&mut app, key(KeyCode::Enter));
         update(&mut app, token("partial", 10));
@@ -970,13 +971,13 @@ mod tests {
 
     #[test]
     fn ctrl_c_when_idle_asks_once_then_quits() {
-        let mut app = app();
+        let mut app = loaded_app();
         let ctrl_c = with(KeyCode::Char('c'), KeyModifiers::CONTROL);
         assert!(update(&mut app, ctrl_c.clone()).is_empty());
         assert!(app.quit_armed);
         assert_eq!(update(&mut app, ctrl_c.clone()), vec![Effect::Quit]);
         // Another key in between disarms it.
-        let mut app = super::tests::app();
+        let mut app = loaded_app();
         update(&mut app, ctrl_c.clone());
         update(&mut app, key(KeyCode::Char('x')));
         assert!(update(&mut app, ctrl_c).is_empty());
@@ -984,7 +985,7 @@ mod tests {
 
     #[test]
     fn loop_keys_stay_within_one_to_eight() {
-        let mut app = app();
+        let mut app = loaded_app();
         assert_eq!(
             update(&mut app, with(KeyCode::Up, KeyModifiers::ALT)),
             vec![Effect::Send(Request::SetLoops(3))]
@@ -1005,7 +1006,7 @@ mod tests {
 
     #[test]
     fn scrolling_moves_away_from_the_bottom_and_back() {
-        let mut app = app();
+        let mut app = loaded_app();
         app.chat_height = 11;
         update(&mut app, key(KeyCode::PageUp));
         assert_eq!(app.scroll_from_bottom, 10);
@@ -1023,7 +1024,7 @@ mod tests {
 
     #[test]
     fn commands_run_and_bad_ones_get_a_one_line_error() {
-        let mut app = app();
+        let mut app = loaded_app();
         type_text(&mut app, "/loops 3");
         assert_eq!(
             update(&mut app, key(KeyCode::Enter)),
@@ -1072,7 +1073,7 @@ mod tests {
 
     #[test]
     fn slash_completes_with_tab_and_question_mark_opens_help() {
-        let mut app = app();
+        let mut app = loaded_app();
         type_text(&mut app, "/mo");
         assert_eq!(app.completions().len(), 1);
         update(&mut app, key(KeyCode::Tab));
@@ -1087,7 +1088,7 @@ mod tests {
 
     #[test]
     fn at_path_attaches_a_file_to_the_message_before_it_is_sent() {
-        let mut app = app();
+        let mut app = loaded_app();
         type_text(&mut app, "explain @src/lib.rs please");
         assert_eq!(
             update(&mut app, key(KeyCode::Enter)),
@@ -1123,7 +1124,7 @@ mod tests {
 
     #[test]
     fn newline_keys_and_history_recall_edit_the_input() {
-        let mut app = app();
+        let mut app = loaded_app();
         type_text(&mut app, "a");
         update(&mut app, with(KeyCode::Enter, KeyModifiers::ALT));
         update(&mut app, with(KeyCode::Char('j'), KeyModifiers::CONTROL));

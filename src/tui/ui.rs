@@ -339,35 +339,9 @@ mod tests {
     use ratatui::Terminal;
 
     use super::*;
-    use crate::engine::{Event as EngineEvent, ModelInfo, StopReason, TurnStats};
-    use crate::model::SamplingParams;
-    use crate::tui::app::{update, AppEvent, Settings};
-
-    fn loaded_app() -> App {
-        let mut app = App::new(
-            "plt-tiny-2loop",
-            Settings {
-                sampling: SamplingParams::default(),
-                max_tokens: 64,
-                system_prompt: None,
-            },
-            true,
-        );
-        update(
-            &mut app,
-            AppEvent::Engine(EngineEvent::Loaded(ModelInfo {
-                name: "plt-tiny-2loop".into(),
-                path: "tests/fixtures/plt-tiny-2loop".into(),
-                parameters: 160_000,
-                quantization: "F32".into(),
-                trained_loops: 2,
-                loops: 2,
-                window: 4,
-                context_size: 4096,
-            })),
-        );
-        app
-    }
+    use crate::engine::{Event as EngineEvent, StopReason, TurnStats};
+    use crate::tui::app::tests::loaded_app;
+    use crate::tui::app::{update, AppEvent};
 
     fn ask(app: &mut App, question: &str, answer: &[&str]) {
         for c in question.chars() {
