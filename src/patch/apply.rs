@@ -41,12 +41,14 @@ pub struct UndoRecord {
     pub entries: Vec<UndoEntry>,
 }
 
-struct Planned {
-    path: String,
-    target: PathBuf,
-    before: Option<Vec<u8>>,
-    after: Option<Vec<u8>>,
-    perms: Option<fs::Permissions>,
+/// One file's checked change: what it holds now and what it will hold.
+#[derive(Debug)]
+pub(crate) struct Planned {
+    pub(crate) path: String,
+    pub(crate) target: PathBuf,
+    pub(crate) before: Option<Vec<u8>>,
+    pub(crate) after: Option<Vec<u8>>,
+    pub(crate) perms: Option<fs::Permissions>,
 }
 
 fn io_err(path: &str) -> impl Fn(std::io::Error) -> PatchError + '_ {
@@ -192,7 +194,7 @@ fn lf(s: &str) -> String {
 }
 
 /// Plan every file's new content, checking everything; writes nothing.
-fn plan(
+pub(crate) fn plan(
     root: &Path,
     edits: &[Edit],
     expected: &HashMap<String, u64>,
@@ -344,7 +346,7 @@ fn set_state(
 }
 
 /// Write a checked plan; on failure, restore what was already written.
-fn commit(steps: &[Planned]) -> Result<(), PatchError> {
+pub(crate) fn commit(steps: &[Planned]) -> Result<(), PatchError> {
     for (i, s) in steps.iter().enumerate() {
         if let Err(e) = set_state(&s.path, &s.target, s.after.as_deref(), s.perms.as_ref()) {
             for done in steps[..i].iter().rev() {
@@ -369,7 +371,12 @@ pub fn apply_edits(
 ) -> Result<UndoRecord, PatchError> {
     let steps = plan(root, edits, expected)?;
     commit(&steps)?;
-    Ok(UndoRecord {
+    Ok(record(steps))
+}
+
+/// The undo record of a committed plan.
+pub(crate) fn record(steps: Vec<Planned>) -> UndoRecord {
+    UndoRecord {
         entries: steps
             .into_iter()
             .map(|s| UndoEntry {
@@ -379,7 +386,7 @@ pub fn apply_edits(
                 previous: s.before,
             })
             .collect(),
-    })
+    }
 }
 
 /// Restore every file in `record`, all or nothing; refuses if a file changed since the apply.

@@ -6,10 +6,12 @@
 pub mod apply;
 pub mod locate;
 pub mod parse;
+pub mod review;
 
 pub use apply::{apply_edits, content_hash, undo, UndoRecord};
 pub use locate::{locate, replace_unique, LocateError, Located, MatchLevel};
 pub use parse::{parse_edits, Edit, Hunk, HunkLine};
+pub use review::{apply_reviewed, prepare, ChangeKind, DiffLine, FileChange, ReviewHunk};
 
 /// Why a set of edits (or an undo) was refused or failed; names the file concerned.
 #[derive(Debug, thiserror::Error)]

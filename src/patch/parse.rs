@@ -368,10 +368,11 @@ pub fn path_from_line(line: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sr(path: &str, search: &str, replace: &str) -> Edit {
+    /// A SEARCH/REPLACE edit, for tests.
+    pub(crate) fn sr(path: &str, search: &str, replace: &str) -> Edit {
         Edit::SearchReplace {
             path: path.into(),
             search: search.into(),
