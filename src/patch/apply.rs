@@ -32,6 +32,8 @@ pub struct UndoEntry {
     pub previous: Option<Vec<u8>>,
     /// Hash of what the apply left (`None`: the file was deleted).
     pub written: Option<u64>,
+    /// Unix permission bits the file had (`None`: it did not exist, or not on unix).
+    pub previous_mode: Option<u32>,
 }
 
 /// What `undo` needs to restore every file an apply touched.
@@ -49,6 +51,56 @@ pub(crate) struct Planned {
     pub(crate) before: Option<Vec<u8>>,
     pub(crate) after: Option<Vec<u8>>,
     pub(crate) perms: Option<fs::Permissions>,
+}
+
+/// What applying a set would do to one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileChange {
+    /// Path as written in the (first) edit of this file.
+    pub path: String,
+    /// Resolved absolute path that would be written.
+    pub target: PathBuf,
+    /// Whether the file would be created, modified or deleted.
+    pub kind: ChangeKind,
+}
+
+/// How a file would change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// The file does not exist yet.
+    Create,
+    /// The file's content changes.
+    Modify,
+    /// The file is removed.
+    Delete,
+}
+
+/// Unix permission bits of `perms`; `None` where there are none.
+fn mode_bits(perms: &fs::Permissions) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        Some(perms.mode() & 0o7777)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = perms;
+        None
+    }
+}
+
+/// Permissions with unix bits `mode`; `None` where there are none.
+fn perms_from_mode(mode: u32) -> Option<fs::Permissions> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        Some(fs::Permissions::from_mode(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = mode;
+        None
+    }
 }
 
 fn io_err(path: &str) -> impl Fn(std::io::Error) -> PatchError + '_ {
@@ -283,7 +335,7 @@ pub(crate) fn plan(
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Write `bytes` to `target` through a temporary file in the same directory.
-fn write_atomic(
+pub(super) fn write_atomic(
     path: &str,
     target: &Path,
     bytes: &[u8],
@@ -363,6 +415,26 @@ pub(crate) fn commit(steps: &[Planned]) -> Result<(), PatchError> {
     Ok(())
 }
 
+/// Check `edits` exactly as [`apply_edits`] would, writing nothing; lists the files that would change.
+pub fn check_edits(
+    root: &Path,
+    edits: &[Edit],
+    expected: &HashMap<String, u64>,
+) -> Result<Vec<FileChange>, PatchError> {
+    Ok(plan(root, edits, expected)?
+        .into_iter()
+        .map(|s| FileChange {
+            kind: match (&s.before, &s.after) {
+                (None, _) => ChangeKind::Create,
+                (Some(_), Some(_)) => ChangeKind::Modify,
+                (Some(_), None) => ChangeKind::Delete,
+            },
+            path: s.path,
+            target: s.target,
+        })
+        .collect())
+}
+
 /// Apply `edits` under `root`, all or nothing; `expected` maps an edit path to the file's hash when the reply was made.
 pub fn apply_edits(
     root: &Path,
@@ -381,6 +453,7 @@ pub(crate) fn record(steps: Vec<Planned>) -> UndoRecord {
             .into_iter()
             .map(|s| UndoEntry {
                 written: s.after.as_deref().map(content_hash),
+                previous_mode: s.perms.as_ref().and_then(mode_bits),
                 path: s.path,
                 target: s.target,
                 previous: s.before,
@@ -391,6 +464,12 @@ pub(crate) fn record(steps: Vec<Planned>) -> UndoRecord {
 
 /// Restore every file in `record`, all or nothing; refuses if a file changed since the apply.
 pub fn undo(record: &UndoRecord) -> Result<(), PatchError> {
+    restore(record, false)
+}
+
+/// Restore bytes and modes of every file in `record`, all or nothing; with `force`,
+/// files changed since the apply are overwritten instead of refused.
+pub(super) fn restore(record: &UndoRecord, force: bool) -> Result<(), PatchError> {
     let mut steps = Vec::new();
     for e in record.entries.iter().rev() {
         let (current, perms) = match fs::metadata(&e.target) {
@@ -407,11 +486,15 @@ pub fn undo(record: &UndoRecord) -> Result<(), PatchError> {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => (None, None),
             Err(err) => return Err(io_err(&e.path)(err)),
         };
-        if current.as_deref().map(content_hash) != e.written {
+        if !force && current.as_deref().map(content_hash) != e.written {
             return Err(PatchError::Changed {
                 path: e.path.clone(),
             });
         }
+        // The recorded mode wins so that a deleted file comes back as it was; a
+        // rollback of this undo then also uses it, which differs from the current
+        // mode only if someone changed the mode after the apply.
+        let perms = e.previous_mode.and_then(perms_from_mode).or(perms);
         steps.push(Planned {
             path: e.path.clone(),
             target: e.target.clone(),

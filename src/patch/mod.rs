@@ -4,11 +4,15 @@
 //! This module is self-contained: it knows nothing of the rest of plait.
 
 pub mod apply;
+pub mod journal;
 pub mod locate;
 pub mod parse;
 pub mod review;
 
-pub use apply::{apply_edits, content_hash, undo, UndoRecord};
+pub use apply::{
+    apply_edits, check_edits, content_hash, undo, ChangeKind, FileChange, UndoEntry, UndoRecord,
+};
+pub use journal::{workspace_key, Journal};
 pub use locate::{locate, replace_unique, LocateError, Located, MatchLevel};
 pub use parse::{parse_edits, Edit, Hunk, HunkLine};
 pub use review::{apply_reviewed, prepare, ChangeKind, DiffLine, FileChange, ReviewHunk};
