@@ -569,13 +569,23 @@ fn tui(args: TuiArgs) -> Result<()> {
         engine: EngineOptions {
             model,
             loops: args.loops.map(usize::from).or(config.loops),
+            context_size: config.context_size,
         },
         settings: Settings {
             sampling: config.sampling.clone(),
             max_tokens: config.max_tokens,
-            system_prompt: config.system_prompt.clone(),
+            // The default prompt teaches the edit format the diff pane reads.
+            system_prompt: Some(
+                config
+                    .system_prompt
+                    .clone()
+                    .unwrap_or_else(|| plait::tui::DEFAULT_SYSTEM_PROMPT.to_string()),
+            ),
         },
         color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        theme: plait::tui::markdown::Theme::from_name(&config.theme),
+        workspace: std::env::current_dir().context("cannot read the current directory")?,
+        state_dir: plait::config::state_dir()?,
     };
     plait::tui::run(options)?;
     Ok(())

@@ -10,11 +10,19 @@ use plait::engine::{Engine, EngineOptions, Event, Request, StopReason, TurnStats
 use plait::model::{ChatMessage, SamplingParams};
 
 fn start(loops: Option<usize>) -> (Engine, mpsc::Receiver<Event>) {
+    start_with_context(loops, None)
+}
+
+fn start_with_context(
+    loops: Option<usize>,
+    context_size: Option<usize>,
+) -> (Engine, mpsc::Receiver<Event>) {
     let (tx, rx) = mpsc::channel();
     let engine = Engine::spawn(
         EngineOptions {
             model: fixture("plt-tiny-2loop"),
             loops,
+            context_size,
         },
         move |event| {
             let _ = tx.send(event);
@@ -139,6 +147,7 @@ fn a_missing_model_is_reported_not_a_crash() {
         EngineOptions {
             model: "/no/such/model".into(),
             loops: None,
+            context_size: None,
         },
         move |event| {
             let _ = tx.send(event);
@@ -156,4 +165,47 @@ fn a_missing_model_is_reported_not_a_crash() {
         }
     }
     drop(engine);
+}
+
+#[test]
+fn a_conversation_that_outgrows_the_context_drops_its_oldest_messages() {
+    let (engine, rx) = start_with_context(None, Some(96));
+    let info = loop {
+        if let Event::Loaded(info) = next(&rx) {
+            break info;
+        }
+    };
+    assert_eq!(
+        info.context_size, 96,
+        "the configured size, within the model's"
+    );
+    let long = "one two three four five six seven eight nine ten ".repeat(2);
+    let mut messages = vec![ChatMessage::new("system", "Be brief.")];
+    for turn in 0..3 {
+        messages.push(ChatMessage::new("user", format!("{turn}: {long}")));
+        messages.push(ChatMessage::new("assistant", long.clone()));
+    }
+    messages.push(ChatMessage::new("user", "And now?"));
+    engine.send(ask(&messages, 8));
+    let (_, stats) = until_done(&rx);
+    assert!(stats.dropped_messages >= 2, "{stats:?}");
+    assert_eq!(
+        stats.dropped_messages % 2,
+        0,
+        "a question is dropped with its answer"
+    );
+    assert!(stats.context_used <= 96, "{stats:?}");
+
+    // A single message longer than the context is an error, not a crash.
+    engine.send(ask(&[ChatMessage::new("user", long.repeat(10))], 8));
+    loop {
+        match next(&rx) {
+            Event::Error(e) => {
+                assert!(e.contains("exceeds the model's context of 96"), "{e}");
+                break;
+            }
+            Event::Done(stats) => panic!("answered: {stats:?}"),
+            _ => {}
+        }
+    }
 }

@@ -91,16 +91,14 @@ fn f16_and_q8_0_conversions_stay_close() {
         let want = expected(name)[format!("loops{loops}")]["nll"]
             .as_f64()
             .unwrap();
-        // These random-weight fixtures amplify quantization noise: q8_0 (weights and, as in
-        // llama.cpp, activations at 8 bits) moves their nll by up to 0.4%, which is 3.3% of
-        // perplexity (exp(nll) ~ 10^4). Measured: 9.1536 vs 9.1862 for plt-tiny-2loop.
+        // These random-weight fixtures amplify quantization noise (no tensor group dominates:
+        // keeping any one of embeddings, head, attention or MLP in f32 leaves 0.5-0.9%).
+        // Measured perplexity ratios: plt-tiny-3loop-bf16 0.9968 (within the 1%),
+        // plt-tiny-2loop 0.9884 (nll 9.1746 vs 9.1862), 0.16 points over it.
         assert!(
-            (q - want).abs() / want < 5e-3,
-            "{name} q8_0 nll {q} vs {want}"
-        );
-        assert!(
-            ((q - want).exp() - 1.0).abs() < 0.04,
-            "{name} q8_0 perplexity ratio"
+            ((q - want).exp() - 1.0).abs() < 0.015,
+            "{name} q8_0 perplexity ratio {}",
+            (q - want).exp()
         );
     }
 }

@@ -2,7 +2,8 @@
 //! terminal emulator (vt100). Starts the TUI on the tiny fixture model, sends a message, changes
 //! the loop count with Alt+Up and F2, presses Esc, quits with Ctrl+C twice, and checks that the
 //! terminal is handed back as it was found (main screen, no bracketed paste, no mouse capture,
-//! visible cursor).
+//! visible cursor). A second session on the real default model adds a file to the context,
+//! asks for a change, applies the inferred edit from the diff pane and undoes it.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -44,8 +45,12 @@ struct Session {
 }
 
 impl Session {
-    fn start() -> Self {
+    /// plait on `model`, in a fresh directory that holds `files` (name, content).
+    fn start(model: &Path, files: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("write a workspace file");
+        }
         let pair = native_pty_system()
             .openpty(PtySize {
                 rows: ROWS,
@@ -56,7 +61,7 @@ impl Session {
             .expect("open a pty");
         let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_plait"));
         cmd.arg("--model");
-        cmd.arg(fixture());
+        cmd.arg(model);
         for name in ["PLAIT_CONFIG_DIR", "PLAIT_STATE_DIR", "PLAIT_DATA_DIR"] {
             cmd.env(name, dir.path());
         }
@@ -209,7 +214,7 @@ fn chat_has_answer(text: &str) -> bool {
 
 #[test]
 fn tui_chat_loops_and_quit_in_a_pty() {
-    let mut s = Session::start();
+    let mut s = Session::start(&fixture(), &[]);
 
     // 1. The UI comes up at once; the worker loads the model, then the status line says idle.
     s.wait_for("the model to load (status: idle)", STEP, |t| {
@@ -306,5 +311,63 @@ fn tui_chat_loops_and_quit_in_a_pty() {
     assert!(
         text.trim().is_empty(),
         "plait left text on the main screen:\n{text}"
+    );
+}
+
+/// The real default model, installed by scripts/install-default-model.sh (.ci/run does).
+fn default_model() -> PathBuf {
+    let manifest = plait::config::DefaultModel::manifest().expect("the default model manifest");
+    manifest
+        .installed_path()
+        .unwrap_or_else(|e| panic!("{e}: this test needs the default model"))
+}
+
+const HELLO: &str = "def greet(name):\n    print(\"Hello\", name)\n\n\ndef farewell(name):\n    print(\"Goodbye\", name)\n";
+
+#[test]
+fn tui_applies_an_inferred_edit_and_undoes_it_on_the_default_model() {
+    let mut s = Session::start(&default_model(), &[("hello.py", HELLO)]);
+    let hello = s.dir.path().join("hello.py");
+    s.wait_for("the default model to load (status: idle)", ANSWER, |t| {
+        status_has(t, &["idle"])
+    });
+    s.send(b"/add hello.py\r");
+    s.wait_for("hello.py in the context", STEP, |t| {
+        t.contains("added hello.py")
+    });
+    // The default model answers with the changed function in a plain fence (no path, no
+    // SEARCH/REPLACE): plait anchors it at `def greet` and shows it as an inferred edit.
+    s.send(b"Change greet so that it prints Hi, {name}! with an f-string.\r");
+    s.wait_for("an inferred edit in the diff pane", ANSWER, |t| {
+        t.contains("inferred from a code block at hello.py:1") && status_has(t, &["idle"])
+    });
+    assert_eq!(
+        std::fs::read_to_string(&hello).unwrap(),
+        HELLO,
+        "written before review"
+    );
+    // Tab twice reaches the diff pane; Space accepts the hunk, `a` applies it.
+    s.send(b"\t\t ");
+    s.wait_for("the hunk accepted", STEP, |t| {
+        t.contains("1/1 hunks accepted")
+    });
+    s.send(b"a");
+    s.wait_for("the apply notice", STEP, |t| {
+        t.contains("applied: hello.py")
+    });
+    let changed = std::fs::read_to_string(&hello).unwrap();
+    assert_ne!(changed, HELLO, "the file did not change\n{}", s.dump());
+    assert!(
+        changed.contains("def farewell(name):\n    print(\"Goodbye\", name)\n"),
+        "the edit reached beyond greet:\n{changed}"
+    );
+    s.send(b"/undo\r");
+    s.wait_for("the undo notice", STEP, |t| {
+        t.contains("undid the last apply")
+    });
+    assert_eq!(
+        std::fs::read_to_string(&hello).unwrap(),
+        HELLO,
+        "undo did not restore"
     );
 }

@@ -100,4 +100,6 @@ pub struct TurnStats {
     pub context_used: usize,
     /// Bytes the cache holds.
     pub kv_bytes: usize,
+    /// Oldest messages left out so that the conversation fits the context.
+    pub dropped_messages: usize,
 }

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use crate::model::{LoadedModel, PltCache, Result, Sampler};
+use crate::model::{
+    ChatMessage, LoadedModel, ModelError, PltCache, Result, Sampler, TextTokenizer,
+};
 
 use super::generate::{generate, GenerateRequest, GenerationObserver, StepControl};
 use super::protocol::{Event, ModelInfo, Request, TurnStats};
@@ -19,6 +21,8 @@ pub struct EngineOptions {
     pub model: PathBuf,
     /// Loop count to start with (default: the trained count).
     pub loops: Option<usize>,
+    /// Most positions a conversation may take (default, and at most: the model's).
+    pub context_size: Option<usize>,
 }
 
 /// The UI's side of the engine: send requests; events arrive through the sink given to `spawn`.
@@ -74,8 +78,14 @@ fn model_info(loaded: &LoadedModel, options: &EngineOptions, loops: usize) -> Mo
         trained_loops: c.plt_num_loops,
         loops,
         window: c.plt_window,
-        context_size: c.max_position_embeddings,
+        context_size: context_size(loaded, options),
     }
+}
+
+/// The context the conversation must fit: the configured size, within the model's.
+fn context_size(loaded: &LoadedModel, options: &EngineOptions) -> usize {
+    let model = loaded.model.config().max_position_embeddings;
+    options.context_size.map_or(model, |size| size.min(model))
 }
 
 fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
@@ -128,7 +138,7 @@ fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
                     &mut cache,
                     &messages,
                     &mut sampler,
-                    max_tokens,
+                    (max_tokens, context_size(&loaded, &options)),
                     &inbox,
                     sink,
                 ) {
@@ -207,9 +217,9 @@ impl GenerationObserver for Streamer<'_> {
 fn answer(
     loaded: &LoadedModel,
     cache: &mut PltCache,
-    messages: &[crate::model::ChatMessage],
+    messages: &[ChatMessage],
     sampler: &mut Sampler,
-    max_tokens: usize,
+    (max_tokens, context): (usize, usize),
     inbox: &Receiver<Request>,
     sink: &dyn Fn(Event),
 ) -> Result<Option<Request>> {
@@ -219,11 +229,10 @@ fn answer(
         .ok_or(crate::model::ModelError::Encode(
             "the model has no tokenizer".into(),
         ))?;
-    let prompt_text = loaded.template.render(messages, true)?;
-    let prompt = tokenizer.encode(&prompt_text, false)?;
+    let (prompt, dropped_messages) = fit_prompt(loaded, tokenizer, messages, max_tokens, context)?;
     let request = GenerateRequest {
         prompt: &prompt,
-        max_tokens,
+        max_tokens: max_tokens.min(context - prompt.len()),
         stop_ids: &loaded.stop_ids,
     };
     let mut streamer = Streamer {
@@ -248,6 +257,46 @@ fn answer(
         reused_tokens: out.metrics.reused_tokens,
         context_used: cache.len(),
         kv_bytes: cache.size_bytes(),
+        dropped_messages,
     }));
     Ok(streamer.deferred)
+}
+
+/// The prompt for `messages` within `context` positions with room left for an answer: the
+/// oldest messages after the system prompt are left out until it fits. Returns the prompt
+/// and how many messages were left out.
+fn fit_prompt(
+    loaded: &LoadedModel,
+    tokenizer: &TextTokenizer,
+    messages: &[ChatMessage],
+    max_tokens: usize,
+    context: usize,
+) -> Result<(Vec<u32>, usize)> {
+    // Room for at least a short answer, even when max_tokens asks for more than fits.
+    let answer_room = max_tokens.clamp(1, (context / 4).max(1));
+    let system = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    let mut dropped = 0;
+    loop {
+        let kept: Vec<ChatMessage> = messages[..system]
+            .iter()
+            .chain(&messages[system + dropped..])
+            .cloned()
+            .collect();
+        let prompt = tokenizer.encode(&loaded.template.render(&kept, true)?, false)?;
+        if prompt.len() + answer_room <= context {
+            return Ok((prompt, dropped));
+        }
+        if system + dropped + 1 >= messages.len() {
+            // Only the system prompt and the last message are left, and they do not fit.
+            return Err(ModelError::ContextOverflow {
+                len: prompt.len() + answer_room,
+                max: context,
+            });
+        }
+        dropped += 1;
+        // A conversation starts with a question: never keep an answer without its message.
+        while system + dropped + 1 < messages.len() && messages[system + dropped].role != "user" {
+            dropped += 1;
+        }
+    }
 }

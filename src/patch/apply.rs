@@ -44,35 +44,13 @@ pub struct UndoRecord {
 }
 
 /// One file's checked change: what it holds now and what it will hold.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Planned {
     pub(crate) path: String,
     pub(crate) target: PathBuf,
     pub(crate) before: Option<Vec<u8>>,
     pub(crate) after: Option<Vec<u8>>,
     pub(crate) perms: Option<fs::Permissions>,
-}
-
-/// What applying a set would do to one file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileChange {
-    /// Path as written in the (first) edit of this file.
-    pub path: String,
-    /// Resolved absolute path that would be written.
-    pub target: PathBuf,
-    /// Whether the file would be created, modified or deleted.
-    pub kind: ChangeKind,
-}
-
-/// How a file would change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// The file does not exist yet.
-    Create,
-    /// The file's content changes.
-    Modify,
-    /// The file is removed.
-    Delete,
 }
 
 /// Unix permission bits of `perms`; `None` where there are none.
@@ -413,26 +391,6 @@ pub(crate) fn commit(steps: &[Planned]) -> Result<(), PatchError> {
         }
     }
     Ok(())
-}
-
-/// Check `edits` exactly as [`apply_edits`] would, writing nothing; lists the files that would change.
-pub fn check_edits(
-    root: &Path,
-    edits: &[Edit],
-    expected: &HashMap<String, u64>,
-) -> Result<Vec<FileChange>, PatchError> {
-    Ok(plan(root, edits, expected)?
-        .into_iter()
-        .map(|s| FileChange {
-            kind: match (&s.before, &s.after) {
-                (None, _) => ChangeKind::Create,
-                (Some(_), Some(_)) => ChangeKind::Modify,
-                (Some(_), None) => ChangeKind::Delete,
-            },
-            path: s.path,
-            target: s.target,
-        })
-        .collect())
 }
 
 /// Apply `edits` under `root`, all or nothing; `expected` maps an edit path to the file's hash when the reply was made.

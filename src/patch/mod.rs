@@ -4,14 +4,14 @@
 //! This module is self-contained: it knows nothing of the rest of plait.
 
 pub mod apply;
+pub mod infer;
 pub mod journal;
 pub mod locate;
 pub mod parse;
 pub mod review;
 
-pub use apply::{
-    apply_edits, check_edits, content_hash, undo, ChangeKind, FileChange, UndoEntry, UndoRecord,
-};
+pub use apply::{apply_edits, content_hash, undo, UndoEntry, UndoRecord};
+pub use infer::{infer_edits, Inference, InferredEdit};
 pub use journal::{workspace_key, Journal};
 pub use locate::{locate, replace_unique, LocateError, Located, MatchLevel};
 pub use parse::{parse_edits, Edit, Hunk, HunkLine};

@@ -96,13 +96,42 @@ impl Hunk {
     }
 }
 
-/// Parse every edit in `reply`, in order; unclosed fences are ignored.
-pub fn parse_edits(reply: &str) -> Vec<Edit> {
+/// A closed fenced block of a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Fence<'a> {
+    /// The path alone on the line before the fence, if there is one.
+    pub(crate) path: Option<String>,
+    /// The info string after the opening backticks.
+    pub(crate) info: &'a str,
+    /// The lines between the fences.
+    pub(crate) body: Vec<&'a str>,
+}
+
+impl Fence<'_> {
+    /// The fence's language: the first word of its info string.
+    pub(crate) fn lang(&self) -> &str {
+        self.info.split_whitespace().next().unwrap_or("")
+    }
+
+    /// Whether the block holds SEARCH/REPLACE markers or a unified diff.
+    pub(crate) fn has_edit_markers(&self) -> bool {
+        let body = &self.body;
+        let looks_like_diff = body.iter().any(|l| l.starts_with("+++ "))
+            && body.iter().any(|l| l.starts_with("@@"))
+            && body.iter().any(|l| l.starts_with("--- "));
+        body.iter().any(|l| is_search_marker(l))
+            || matches!(self.lang(), "diff" | "patch")
+            || looks_like_diff
+    }
+}
+
+/// Every closed fenced block of `reply`, in order; an unclosed one ends the scan.
+pub(crate) fn fences(reply: &str) -> Vec<Fence<'_>> {
     let lines: Vec<&str> = reply
         .split('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .collect();
-    let mut edits = Vec::new();
+    let mut fences = Vec::new();
     let mut i = 0;
     let mut last_text: Option<&str> = None;
     while i < lines.len() {
@@ -136,24 +165,33 @@ pub fn parse_edits(reply: &str) -> Vec<Edit> {
         if !closed {
             break;
         }
-        let path = last_text.and_then(path_from_line);
-        parse_fence(path, info, &body, &mut edits);
+        fences.push(Fence {
+            path: last_text.and_then(path_from_line),
+            info,
+            body,
+        });
         last_text = None;
         i = j + 1;
+    }
+    fences
+}
+
+/// Parse every edit in `reply`, in order; unclosed fences are ignored.
+pub fn parse_edits(reply: &str) -> Vec<Edit> {
+    let mut edits = Vec::new();
+    for fence in fences(reply) {
+        parse_fence(&fence, &mut edits);
     }
     edits
 }
 
-fn parse_fence(path: Option<String>, info: &str, body: &[&str], edits: &mut Vec<Edit>) {
+fn parse_fence(fence: &Fence<'_>, edits: &mut Vec<Edit>) {
+    let (path, body) = (fence.path.clone(), fence.body.as_slice());
     if body.iter().any(|l| is_search_marker(l)) {
         parse_search_replace(path, body, edits);
         return;
     }
-    let lang = info.split_whitespace().next().unwrap_or("");
-    let looks_like_diff = body.iter().any(|l| l.starts_with("+++ "))
-        && body.iter().any(|l| l.starts_with("@@"))
-        && body.iter().any(|l| l.starts_with("--- "));
-    if lang == "diff" || lang == "patch" || looks_like_diff {
+    if fence.has_edit_markers() {
         parse_diff(path, body, edits);
         return;
     }

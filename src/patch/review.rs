@@ -74,7 +74,7 @@ impl ReviewHunk {
 }
 
 /// One file's checked change, split into hunks; nothing is written until it is applied.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FileChange {
     /// The path as written in the reply.
     pub path: String,

@@ -1,13 +1,20 @@
 //! The TUI's state and its update: a plain function of (state, event) returning effects.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
 
 use crate::engine::{Event as EngineEvent, ModelInfo, Request, StopReason, TurnStats};
 use crate::model::{ChatMessage, SamplingParams, MAX_LOOPS};
+use crate::patch::{content_hash, infer_edits, parse_edits, Edit, FileChange};
+
+use super::markdown::Theme;
+use super::review::Review;
+
+/// How many times a failed edit goes back to the model for a corrected one.
+const MAX_EDIT_RETRIES: usize = 2;
 
 /// Token latencies kept for the sparkline.
 pub const SPARKLINE_LEN: usize = 40;
@@ -25,6 +32,19 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("/files", "list the files in the context"),
     ("/model", "show the model's path, size and settings"),
     ("/save FILE", "save the transcript as markdown"),
+    (
+        "/diff",
+        "show the edits of the last answer in the diff pane",
+    ),
+    ("/apply", "write the accepted hunks to the files"),
+    (
+        "/undo",
+        "revert the last applied edits (--force: even if changed since)",
+    ),
+    (
+        "/retry",
+        "re-read the context files and answer the last message again",
+    ),
     ("/quit", "leave plait"),
 ];
 
@@ -37,10 +57,17 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Alt+Down, F2", "one loop fewer (down to 1)"),
     ("Esc", "cancel the answer / close this help"),
     ("Ctrl+C", "cancel; when idle, press twice to quit"),
-    ("PgUp / PgDn", "scroll the chat"),
+    ("PgUp / PgDn, wheel", "scroll the chat"),
     ("Home / End", "top / bottom of the chat (empty input)"),
-    ("Mouse wheel", "scroll the chat"),
-    ("Tab", "next focus: input, chat; completes a /command"),
+    ("Tab", "next focus: input, chat, diff; completes a /command"),
+    (
+        "Diff: j/k, Space",
+        "move to the next/previous hunk; accept or reject it",
+    ),
+    (
+        "Diff: a, A, r, f",
+        "apply accepted hunks; accept all; reject all; size",
+    ),
     ("F1, ?", "this help (? in an empty input)"),
 ];
 
@@ -137,6 +164,8 @@ pub enum Focus {
     Input,
     /// The chat history (keys scroll it).
     Chat,
+    /// The diff pane (keys review hunks).
+    Diff,
 }
 
 /// The live figures of the status line.
@@ -210,8 +239,24 @@ pub struct App {
     pub settings: Settings,
     /// Whether colours are allowed (NO_COLOR unset).
     pub color: bool,
+    /// Light or dark terminal background.
+    pub theme: Theme,
     /// KV bytes after the last turn.
     pub kv_bytes: usize,
+    /// Edits of the last answer, under review in the diff pane.
+    pub review: Option<Review>,
+    /// Whether the diff pane takes most of the screen.
+    pub diff_large: bool,
+    /// Hashes of the files the model was shown for the current answer, by path.
+    reply_hashes: HashMap<String, u64>,
+    /// Whether `/retry` waits for the context files to be read again.
+    retry_pending: bool,
+    /// Edits found so far in the streaming answer.
+    edits_seen: usize,
+    /// Failed edits sent back to the model since the user's last message.
+    edit_retries: usize,
+    /// Whether an apply that deletes files waits for a second `a` or `/apply`.
+    confirm_delete: bool,
 }
 
 /// What happened: a key, paste, mouse wheel, resize, an engine event, or a file read.
@@ -236,6 +281,21 @@ pub enum AppEvent {
     Saved(Result<PathBuf, String>),
     /// The files a message names with `@path` were read.
     AttachmentsRead(Vec<(PathBuf, Result<String, String>)>),
+    /// The edits of an answer were checked against the files.
+    EditsPrepared {
+        /// The changes, or why the edits cannot apply.
+        result: Result<Vec<FileChange>, String>,
+        /// Whether the answer is complete (a failure then goes back to the model).
+        complete: bool,
+        /// Where inferred edits were anchored; empty for explicit edits.
+        anchors: Vec<String>,
+    },
+    /// Accepted hunks were written (the paths), or nothing was.
+    Applied(Result<Vec<String>, String>),
+    /// The last applied set was reverted (the paths; `None`: nothing to undo), or not.
+    Undone(Result<Option<Vec<String>>, String>),
+    /// The context files were read again.
+    FilesRefreshed(Vec<(PathBuf, Result<String, String>)>),
 }
 
 /// What the runtime must do after an update.
@@ -254,6 +314,26 @@ pub enum Effect {
         /// The markdown.
         text: String,
     },
+    /// Check edits against the workspace, then report `AppEvent::EditsPrepared`.
+    PrepareEdits {
+        /// The edits, in reply order.
+        edits: Vec<Edit>,
+        /// Hashes of the files as the model saw them, by path.
+        expected: HashMap<String, u64>,
+        /// Whether the answer is complete.
+        complete: bool,
+        /// Where inferred edits were anchored; empty for explicit edits.
+        anchors: Vec<String>,
+    },
+    /// Write the accepted hunks, then report `AppEvent::Applied`.
+    Apply(Vec<(FileChange, Vec<bool>)>),
+    /// Revert the last applied set, then report `AppEvent::Undone`.
+    Undo {
+        /// Overwrite files changed since the apply.
+        force: bool,
+    },
+    /// Read the context files again, then report `AppEvent::FilesRefreshed`.
+    RefreshFiles(Vec<PathBuf>),
     /// Leave.
     Quit,
 }
@@ -290,7 +370,15 @@ impl App {
             files: Vec::new(),
             settings,
             color,
+            theme: Theme::Dark,
             kv_bytes: 0,
+            review: None,
+            diff_large: false,
+            reply_hashes: HashMap::new(),
+            retry_pending: false,
+            edits_seen: 0,
+            edit_retries: 0,
+            confirm_delete: false,
         }
     }
 
@@ -380,10 +468,7 @@ pub fn update(app: &mut App, event: AppEvent) -> Vec<Effect> {
             scroll(app, lines.saturating_mul(WHEEL_LINES as i32));
             Vec::new()
         }
-        AppEvent::Engine(event) => {
-            on_engine(app, event);
-            Vec::new()
-        }
+        AppEvent::Engine(event) => on_engine(app, event),
         AppEvent::FileRead { path, result } => {
             match result {
                 Ok(text) => {
@@ -407,7 +492,237 @@ pub fn update(app: &mut App, event: AppEvent) -> Vec<Effect> {
             }
             Vec::new()
         }
+        AppEvent::EditsPrepared {
+            result,
+            complete,
+            anchors,
+        } => edits_prepared(app, result, complete, anchors),
+        AppEvent::Applied(result) => {
+            match result {
+                Ok(paths) => {
+                    app.review = None;
+                    if app.focus == Focus::Diff {
+                        app.focus = Focus::Input;
+                    }
+                    app.notice(format!("applied: {} (/undo reverts)", paths.join(", ")));
+                    return refresh_files(app);
+                }
+                Err(e) => app.notice(e),
+            }
+            Vec::new()
+        }
+        AppEvent::Undone(result) => {
+            match result {
+                Ok(Some(paths)) => {
+                    app.notice(format!("undid the last apply: {}", paths.join(", ")));
+                    return refresh_files(app);
+                }
+                Ok(None) => app.notice("nothing to undo"),
+                Err(e) => app.notice(e),
+            }
+            Vec::new()
+        }
+        AppEvent::FilesRefreshed(read) => {
+            for (path, result) in read {
+                match result {
+                    Ok(text) => {
+                        if let Some(entry) = app.files.iter_mut().find(|(p, _)| p == &path) {
+                            entry.1 = text;
+                        }
+                    }
+                    Err(e) => {
+                        app.files.retain(|(p, _)| p != &path);
+                        app.notice(format!("dropped {} from the context: {e}", path.display()));
+                    }
+                }
+            }
+            if std::mem::take(&mut app.retry_pending) {
+                return start_answer(app);
+            }
+            Vec::new()
+        }
     }
+}
+
+/// The path as a key of the hash map sent with edits (`./` dropped).
+fn path_key(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    text.strip_prefix("./").unwrap_or(&text).to_string()
+}
+
+fn refresh_files(app: &App) -> Vec<Effect> {
+    if app.files.is_empty() {
+        return Vec::new();
+    }
+    vec![Effect::RefreshFiles(
+        app.files.iter().map(|(p, _)| p.clone()).collect(),
+    )]
+}
+
+/// Proposes the edits of the latest answer once a new one has closed (or the answer is done).
+fn propose_edits(app: &mut App, complete: bool) -> Vec<Effect> {
+    let Some(cell) = app.cells.iter().rev().find(|c| c.role == Role::Assistant) else {
+        return Vec::new();
+    };
+    let edits = parse_edits(&cell.text);
+    if edits.is_empty() && complete {
+        return infer(app);
+    }
+    if edits.is_empty() || (!complete && edits.len() == app.edits_seen) {
+        return Vec::new();
+    }
+    app.edits_seen = edits.len();
+    vec![Effect::PrepareEdits {
+        edits,
+        expected: app.reply_hashes.clone(),
+        complete,
+        anchors: Vec::new(),
+    }]
+}
+
+/// Proposes edits from the code blocks of an answer that wrote none in an edit format,
+/// placing them in the files the model was shown.
+fn infer(app: &mut App) -> Vec<Effect> {
+    let Some(cell) = app.cells.iter().rev().find(|c| c.role == Role::Assistant) else {
+        return Vec::new();
+    };
+    let shown = app
+        .files
+        .iter()
+        .chain(app.cells.iter().flat_map(|c| &c.attachments));
+    let context: Vec<(String, String)> = shown
+        .map(|(path, text)| (path_key(path), text.clone()))
+        .collect();
+    if context.is_empty() {
+        return Vec::new();
+    }
+    let inference = infer_edits(&cell.text, &context);
+    for reason in &inference.skipped {
+        app.notice(reason.clone());
+    }
+    if inference.edits.is_empty() {
+        return Vec::new();
+    }
+    let anchors = inference
+        .edits
+        .iter()
+        .flat_map(|e| e.anchors.iter().cloned())
+        .collect();
+    vec![Effect::PrepareEdits {
+        edits: inference.edits.into_iter().map(|e| e.edit).collect(),
+        expected: app.reply_hashes.clone(),
+        complete: true,
+        anchors,
+    }]
+}
+
+fn edits_prepared(
+    app: &mut App,
+    result: Result<Vec<FileChange>, String>,
+    complete: bool,
+    anchors: Vec<String>,
+) -> Vec<Effect> {
+    let inferred = !anchors.is_empty();
+    match result {
+        Ok(changes) if changes.is_empty() => {
+            if complete {
+                app.notice("the answer's edits change nothing");
+            }
+            Vec::new()
+        }
+        Ok(changes) => {
+            let mut review = Review::new(changes, anchors);
+            if let Some(previous) = &app.review {
+                review.carry_choices_from(previous);
+            }
+            if complete {
+                let files = review.changes.len();
+                app.notice(format!(
+                    "{}{} hunk{} in {files} file{} in the diff pane: Tab to review, Space toggles, a applies",
+                    if inferred { "inferred from the answer's code: " } else { "" },
+                    review.hunk_count(),
+                    if review.hunk_count() == 1 { "" } else { "s" },
+                    if files == 1 { "" } else { "s" },
+                ));
+            }
+            app.review = Some(review);
+            Vec::new()
+        }
+        Err(_) if !complete => Vec::new(),
+        Err(e) if inferred => {
+            // Inference was the fallback: the answer is not sent back for a correction.
+            app.notice(format!("the inferred edit cannot be applied: {e}"));
+            Vec::new()
+        }
+        Err(e) => {
+            app.notice(format!("the edit cannot be applied: {e}"));
+            if app.edit_retries >= MAX_EDIT_RETRIES {
+                app.notice(format!(
+                    "no corrected edit after {MAX_EDIT_RETRIES} tries: ask again or edit the file yourself"
+                ));
+                return Vec::new();
+            }
+            app.edit_retries += 1;
+            app.notice(format!(
+                "asking the model for a corrected edit ({}/{MAX_EDIT_RETRIES})",
+                app.edit_retries
+            ));
+            app.cells.push(Cell::new(
+                Role::User,
+                format!(
+                    "The edit could not be applied: {e}\n\nSend a corrected SEARCH/REPLACE block whose SEARCH lines are copied exactly from the file."
+                ),
+            ));
+            start_answer(app)
+        }
+    }
+}
+
+fn apply_accepted(app: &mut App, confirmed: bool) -> Vec<Effect> {
+    let Some(review) = &app.review else {
+        app.notice("no edits to apply");
+        return Vec::new();
+    };
+    if app.busy() {
+        app.notice("wait for the answer to finish before applying its edits");
+        return Vec::new();
+    }
+    if review.accepted_count() == 0 {
+        app.notice("no hunk is accepted: Space accepts the selected one, A accepts all");
+        return Vec::new();
+    }
+    let deletions = review.accepted_deletions();
+    if !deletions.is_empty() && !confirmed {
+        app.confirm_delete = true;
+        app.notice(format!(
+            "this deletes {}: press a (or /apply) again to confirm",
+            deletions.join(", ")
+        ));
+        return Vec::new();
+    }
+    vec![Effect::Apply(review.selection())]
+}
+
+fn on_diff_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
+    // A deletion is confirmed only by the very next action.
+    let confirming = std::mem::take(&mut app.confirm_delete);
+    let Some(review) = app.review.as_mut() else {
+        app.focus = Focus::Input;
+        return Vec::new();
+    };
+    match key.code {
+        KeyCode::Up | KeyCode::Char('k') => review.select(-1),
+        KeyCode::Down | KeyCode::Char('j') => review.select(1),
+        KeyCode::Home => review.selected = 0,
+        KeyCode::End => review.select(isize::MAX),
+        KeyCode::Char(' ') => review.toggle_selected(),
+        KeyCode::Char('A') => review.set_all(true),
+        KeyCode::Char('r') => review.set_all(false),
+        KeyCode::Char('f') => app.diff_large = !app.diff_large,
+        KeyCode::Char('a') => return apply_accepted(app, confirming),
+        _ => {}
+    }
+    Vec::new()
 }
 
 fn scroll(app: &mut App, up: i32) {
@@ -455,11 +770,12 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             Vec::new()
         }
         KeyCode::Esc => {
+            app.confirm_delete = false;
             if app.busy() {
-                vec![Effect::Send(Request::Cancel)]
-            } else {
-                Vec::new()
+                return vec![Effect::Send(Request::Cancel)];
             }
+            app.focus = Focus::Input;
+            Vec::new()
         }
         KeyCode::Up if alt => change_loops(app, 1),
         KeyCode::Down if alt => change_loops(app, -1),
@@ -485,11 +801,13 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             } else {
                 app.focus = match app.focus {
                     Focus::Input => Focus::Chat,
-                    Focus::Chat => Focus::Input,
+                    Focus::Chat if app.review.is_some() => Focus::Diff,
+                    Focus::Chat | Focus::Diff => Focus::Input,
                 };
             }
             Vec::new()
         }
+        _ if app.focus == Focus::Diff => on_diff_key(app, key),
         _ if app.focus == Focus::Chat => {
             match key.code {
                 KeyCode::Up | KeyCode::Char('k') => scroll(app, 1),
@@ -570,6 +888,8 @@ fn recall(app: &mut App, step: i32) {
 }
 
 fn submit(app: &mut App) -> Vec<Effect> {
+    // A deletion is confirmed only by the very next action.
+    let confirming = std::mem::take(&mut app.confirm_delete);
     let text = app.input.trim_end().to_string();
     if text.trim().is_empty() {
         return Vec::new();
@@ -579,7 +899,7 @@ fn submit(app: &mut App) -> Vec<Effect> {
     app.recall = None;
     app.sent.push(text.clone());
     if text.starts_with('/') {
-        return command(app, &text);
+        return command(app, &text, confirming);
     }
     if app.model_info.is_none() {
         app.notice("the model is not loaded yet");
@@ -590,6 +910,7 @@ fn submit(app: &mut App) -> Vec<Effect> {
         return Vec::new();
     }
     let paths = attachment_paths(&text);
+    app.edit_retries = 0;
     app.cells.push(Cell::new(Role::User, text));
     if !paths.is_empty() {
         // The message goes out once its files are read.
@@ -639,6 +960,15 @@ fn start_answer(app: &mut App) -> Vec<Effect> {
     app.readout.tok_s = None;
     app.readout.turn_tokens = 0;
     app.readout.turn_decode_time = Duration::ZERO;
+    app.edits_seen = 0;
+    // What the model is shown now is what its edits are checked against when applied.
+    let shown = app
+        .files
+        .iter()
+        .chain(app.cells.iter().flat_map(|c| &c.attachments));
+    app.reply_hashes = shown
+        .map(|(path, text)| (path_key(path), content_hash(text.as_bytes())))
+        .collect();
     let mut messages = app.messages();
     // The streaming answer's empty cell is not part of the prompt.
     if messages
@@ -654,7 +984,7 @@ fn start_answer(app: &mut App) -> Vec<Effect> {
     })]
 }
 
-fn command(app: &mut App, line: &str) -> Vec<Effect> {
+fn command(app: &mut App, line: &str, confirming: bool) -> Vec<Effect> {
     let mut parts = line.splitn(2, char::is_whitespace);
     let name = parts.next().unwrap_or_default();
     let arg = parts.next().map(str::trim).unwrap_or_default();
@@ -737,6 +1067,21 @@ fn command(app: &mut App, line: &str) -> Vec<Effect> {
             app.notice(text);
             Vec::new()
         }
+        "/diff" => {
+            if app.review.is_some() {
+                app.focus = Focus::Diff;
+            } else {
+                app.notice("no edits to review");
+            }
+            Vec::new()
+        }
+        "/apply" => apply_accepted(app, confirming),
+        "/undo" => match arg {
+            "" => vec![Effect::Undo { force: false }],
+            "--force" => vec![Effect::Undo { force: true }],
+            _ => needs_arg(app, "/undo [--force]"),
+        },
+        "/retry" => retry(app),
         "/save" if arg.is_empty() => needs_arg(app, "/save FILE"),
         "/save" => vec![Effect::Save {
             path: PathBuf::from(arg),
@@ -749,6 +1094,28 @@ fn command(app: &mut App, line: &str) -> Vec<Effect> {
     }
 }
 
+/// Drops the answers after the last message and asks again, with the context files re-read.
+fn retry(app: &mut App) -> Vec<Effect> {
+    if app.model_info.is_none() || app.busy() {
+        app.notice("/retry needs a loaded model and no answer streaming");
+        return Vec::new();
+    }
+    let Some(last_user) = app.cells.iter().rposition(|c| c.role == Role::User) else {
+        app.notice("no message to answer again");
+        return Vec::new();
+    };
+    let mut index = 0;
+    app.cells.retain(|c| {
+        index += 1;
+        index <= last_user + 1 || c.role != Role::Assistant
+    });
+    if app.files.is_empty() {
+        return start_answer(app);
+    }
+    app.retry_pending = true;
+    refresh_files(app)
+}
+
 fn streaming_cell(app: &mut App) -> Option<&mut Cell> {
     app.cells
         .iter_mut()
@@ -756,7 +1123,7 @@ fn streaming_cell(app: &mut App) -> Option<&mut Cell> {
         .find(|c| c.role == Role::Assistant && c.status == CellStatus::Streaming)
 }
 
-fn on_engine(app: &mut App, event: EngineEvent) {
+fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
     let r = &mut app.readout;
     match event {
         EngineEvent::Loading(p) => r.state = EngineState::Loading(p),
@@ -794,10 +1161,16 @@ fn on_engine(app: &mut App, event: EngineEvent) {
             r.state = EngineState::Generating;
             if let Some(cell) = streaming_cell(app) {
                 cell.text.push_str(&text);
+                return propose_edits(app, false);
             }
         }
         EngineEvent::LoopsChanged(n) => r.loops = n,
-        EngineEvent::Done(stats) => finish_turn(app, stats),
+        EngineEvent::Done(stats) => {
+            let cancelled = stats.stop_reason == StopReason::Cancelled;
+            finish_turn(app, stats);
+            // A cancelled answer's closed edits can be reviewed, but never go back to the model.
+            return propose_edits(app, !cancelled);
+        }
         EngineEvent::ResetDone => app.notice("new conversation"),
         EngineEvent::Error(message) => {
             if let Some(cell) = streaming_cell(app) {
@@ -809,6 +1182,7 @@ fn on_engine(app: &mut App, event: EngineEvent) {
             app.notice(format!("error: {message}"));
         }
     }
+    Vec::new()
 }
 
 fn finish_turn(app: &mut App, stats: TurnStats) {
@@ -821,6 +1195,13 @@ fn finish_turn(app: &mut App, stats: TurnStats) {
     r.context_used = stats.context_used;
     r.cached_tokens = stats.reused_tokens;
     app.kv_bytes = stats.kv_bytes;
+    if stats.dropped_messages > 0 {
+        app.notice(format!(
+            "the conversation outgrew the context: its {} oldest message{} were left out",
+            stats.dropped_messages,
+            if stats.dropped_messages == 1 { "" } else { "s" }
+        ));
+    }
     if let Some(cell) = streaming_cell(app) {
         cell.status = if stats.stop_reason == StopReason::Cancelled {
             CellStatus::Cancelled
@@ -842,6 +1223,7 @@ pub fn wheel(kind: MouseEventKind) -> Option<AppEvent> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::path::Path;
 
     /// An app whose engine has loaded plt-tiny-2loop (2 trained loops, window 4).
     pub(crate) fn loaded_app() -> App {
@@ -900,6 +1282,7 @@ pub(crate) mod tests {
             reused_tokens: 12,
             context_used: 30,
             kv_bytes: 1024,
+            dropped_messages: 0,
         }))
     }
 
@@ -1143,5 +1526,281 @@ pub(crate) mod tests {
         assert_eq!(app.input, "second");
         update(&mut app, key(KeyCode::Down));
         assert_eq!(app.input, "");
+    }
+
+    /// An answer that edits `hello.py` in two far-apart places.
+    pub(crate) const EDIT_ANSWER: &[&str] = &[
+        "Change both:\n\nhello.py\n```python\n<<<<<<< SEARCH\n",
+        "def greet(name):\n    print(\"Hello\", name)\n=======\n",
+        "def greet(name):\n    print(f\"Hello, {name}!\")\n>>>>>>> REPLACE\n```\n\n",
+        "hello.py\n```python\n<<<<<<< SEARCH\ndef bye():\n    pass\n=======\n",
+        "def bye():\n    print(\"Bye\")\n>>>>>>> REPLACE\n```\n",
+    ];
+
+    /// The file `EDIT_ANSWER` edits, in a fresh workspace.
+    pub(crate) fn hello_workspace() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut text = String::from("def greet(name):\n    print(\"Hello\", name)\n");
+        for i in 0..8 {
+            text.push_str(&format!("\n# filler {i}\n"));
+        }
+        text.push_str("\ndef bye():\n    pass\n");
+        std::fs::write(dir.path().join("hello.py"), text).unwrap();
+        dir
+    }
+
+    /// Runs `effects` as the runtime would for edits, against `root`; returns what comes back.
+    pub(crate) fn run_edit_effects(
+        app: &mut App,
+        root: &Path,
+        effects: Vec<Effect>,
+    ) -> Vec<Effect> {
+        let mut rest = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::PrepareEdits {
+                    edits,
+                    expected,
+                    complete,
+                    anchors,
+                } => {
+                    let result =
+                        crate::patch::prepare(root, &edits, &expected).map_err(|e| e.to_string());
+                    rest.extend(update(
+                        app,
+                        AppEvent::EditsPrepared {
+                            result,
+                            complete,
+                            anchors,
+                        },
+                    ));
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    fn answer_with_edits(app: &mut App, root: &Path) -> Vec<Effect> {
+        type_text(app, "tidy hello.py");
+        update(app, key(KeyCode::Enter));
+        let mut prepared = 0;
+        for text in EDIT_ANSWER {
+            let effects = update(app, token(text, 20));
+            prepared += effects.len();
+            assert!(run_edit_effects(app, root, effects).is_empty());
+        }
+        // One proposal as each SEARCH/REPLACE fence closes.
+        assert_eq!(prepared, 2);
+        let effects = update(app, done(StopReason::Eos));
+        run_edit_effects(app, root, effects)
+    }
+
+    #[test]
+    fn edits_stream_into_the_diff_pane_and_only_accepted_hunks_are_applied() {
+        let dir = hello_workspace();
+        let mut app = loaded_app();
+        assert!(answer_with_edits(&mut app, dir.path()).is_empty());
+        let review = app.review.as_ref().unwrap();
+        assert_eq!(review.changes.len(), 1);
+        assert_eq!((review.hunk_count(), review.accepted_count()), (2, 2));
+        assert!(app.cells.last().unwrap().text.contains("2 hunks in 1 file"));
+        // Tab reaches the diff pane; reject the first hunk and apply.
+        update(&mut app, key(KeyCode::Tab));
+        update(&mut app, key(KeyCode::Tab));
+        assert_eq!(app.focus, Focus::Diff);
+        update(&mut app, key(KeyCode::Char(' ')));
+        update(&mut app, key(KeyCode::Char('j')));
+        let effects = update(&mut app, key(KeyCode::Char('a')));
+        let [Effect::Apply(selection)] = effects.as_slice() else {
+            panic!("{effects:?}");
+        };
+        assert_eq!(selection[0].1, vec![false, true]);
+        let record = crate::patch::apply_reviewed(&[(&selection[0].0, &selection[0].1)]).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("hello.py")).unwrap();
+        assert!(text.contains("print(\"Hello\", name)") && text.contains("print(\"Bye\")"));
+        update(
+            &mut app,
+            AppEvent::Applied(Ok(record.entries.iter().map(|e| e.path.clone()).collect())),
+        );
+        assert!(app.review.is_none());
+        assert_eq!(app.focus, Focus::Input);
+        type_text(&mut app, "/undo");
+        assert_eq!(
+            update(&mut app, key(KeyCode::Enter)),
+            vec![Effect::Undo { force: false }]
+        );
+    }
+
+    #[test]
+    fn a_failed_edit_goes_back_to_the_model_at_most_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hello.py"), "print('other')\n").unwrap();
+        let mut app = loaded_app();
+        let effects = answer_with_edits(&mut app, dir.path());
+        assert!(
+            matches!(effects.as_slice(), [Effect::Send(Request::Generate { .. })]),
+            "{effects:?}"
+        );
+        let cells = app.cells.len();
+        assert_eq!(app.cells[cells - 2].role, Role::User);
+        assert!(app.cells[cells - 2].text.contains("could not be applied"));
+        for round in 0..2 {
+            for text in EDIT_ANSWER {
+                let effects = update(&mut app, token(text, 20));
+                run_edit_effects(&mut app, dir.path(), effects);
+            }
+            let effects = update(&mut app, done(StopReason::Eos));
+            let rest = run_edit_effects(&mut app, dir.path(), effects);
+            assert_eq!(
+                rest.len(),
+                usize::from(round == 0),
+                "round {round}: {rest:?}"
+            );
+        }
+        assert!(app
+            .cells
+            .last()
+            .unwrap()
+            .text
+            .contains("no corrected edit after 2 tries"));
+        assert!(app.review.is_none());
+        // A new message from the user starts the count again.
+        type_text(&mut app, "again");
+        update(&mut app, key(KeyCode::Enter));
+        assert_eq!(app.edit_retries, 0);
+    }
+
+    #[test]
+    fn a_deletion_waits_for_a_second_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.py"), "x = 1\n").unwrap();
+        let mut app = loaded_app();
+        let changes = crate::patch::prepare(
+            dir.path(),
+            &[Edit::Delete {
+                path: "old.py".into(),
+            }],
+            &HashMap::new(),
+        )
+        .unwrap();
+        update(
+            &mut app,
+            AppEvent::EditsPrepared {
+                result: Ok(changes),
+                complete: true,
+                anchors: Vec::new(),
+            },
+        );
+        type_text(&mut app, "/apply");
+        assert!(update(&mut app, key(KeyCode::Enter)).is_empty());
+        assert!(app
+            .cells
+            .last()
+            .unwrap()
+            .text
+            .contains("this deletes old.py"));
+        // Another action in between cancels the confirmation.
+        type_text(&mut app, "/files");
+        update(&mut app, key(KeyCode::Enter));
+        type_text(&mut app, "/apply");
+        assert!(update(&mut app, key(KeyCode::Enter)).is_empty());
+        type_text(&mut app, "/apply");
+        assert!(matches!(
+            update(&mut app, key(KeyCode::Enter)).as_slice(),
+            [Effect::Apply(_)]
+        ));
+    }
+
+    #[test]
+    fn the_model_is_shown_file_hashes_that_edits_are_checked_against() {
+        let dir = hello_workspace();
+        let mut app = loaded_app();
+        let text = std::fs::read_to_string(dir.path().join("hello.py")).unwrap();
+        update(
+            &mut app,
+            AppEvent::FileRead {
+                path: PathBuf::from("./hello.py"),
+                result: Ok(text.clone()),
+            },
+        );
+        // The file changes after the model was shown it: the edit is refused and retried.
+        std::fs::write(dir.path().join("hello.py"), text.replace("bye", "ciao")).unwrap();
+        let effects = answer_with_edits(&mut app, dir.path());
+        assert!(app.cells.iter().any(|c| c.text.contains("changed since")));
+        assert_eq!(effects.len(), 1);
+    }
+
+    #[test]
+    fn a_plain_code_block_becomes_an_inferred_edit_that_starts_rejected() {
+        let dir = hello_workspace();
+        let mut app = loaded_app();
+        let text = std::fs::read_to_string(dir.path().join("hello.py")).unwrap();
+        update(
+            &mut app,
+            AppEvent::FileRead {
+                path: PathBuf::from("hello.py"),
+                result: Ok(text),
+            },
+        );
+        type_text(&mut app, "make greet friendlier");
+        update(&mut app, key(KeyCode::Enter));
+        update(
+            &mut app,
+            token(
+                "```python\ndef greet(name):\n    print(f\"Hi, {name}!\")\n```\n",
+                20,
+            ),
+        );
+        let effects = update(&mut app, done(StopReason::Eos));
+        assert!(run_edit_effects(&mut app, dir.path(), effects).is_empty());
+        let review = app.review.as_ref().unwrap();
+        assert_eq!(review.anchors, vec!["hello.py:1 `def greet(name):`"]);
+        assert_eq!((review.hunk_count(), review.accepted_count()), (1, 0));
+        assert!(app.cells.last().unwrap().text.starts_with("inferred"));
+        type_text(&mut app, "/apply");
+        assert!(update(&mut app, key(KeyCode::Enter)).is_empty());
+        assert!(app
+            .cells
+            .last()
+            .unwrap()
+            .text
+            .contains("no hunk is accepted"));
+        type_text(&mut app, "/diff");
+        update(&mut app, key(KeyCode::Enter));
+        update(&mut app, key(KeyCode::Char(' ')));
+        let effects = update(&mut app, key(KeyCode::Char('a')));
+        let [Effect::Apply(selection)] = effects.as_slice() else {
+            panic!("{effects:?}");
+        };
+        crate::patch::apply_reviewed(&[(&selection[0].0, &selection[0].1)]).unwrap();
+        let written = std::fs::read_to_string(dir.path().join("hello.py")).unwrap();
+        assert!(written.starts_with("def greet(name):\n    print(f\"Hi, {name}!\")\n\n# filler 0"));
+    }
+
+    #[test]
+    fn an_unplaceable_code_block_says_why_and_is_not_sent_back() {
+        let mut app = loaded_app();
+        update(
+            &mut app,
+            AppEvent::FileRead {
+                path: PathBuf::from("hello.py"),
+                result: Ok("def greet():\n    pass\n".into()),
+            },
+        );
+        type_text(&mut app, "add a function");
+        update(&mut app, key(KeyCode::Enter));
+        update(
+            &mut app,
+            token("```python\ndef wave():\n    pass\n```\n", 20),
+        );
+        assert!(update(&mut app, done(StopReason::Eos)).is_empty());
+        assert!(app.review.is_none());
+        assert!(app
+            .cells
+            .last()
+            .unwrap()
+            .text
+            .contains("`def wave():` is in none of the context files"));
     }
 }

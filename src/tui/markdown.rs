@@ -12,12 +12,50 @@ use pulldown_cmark::{Alignment, CodeBlockKind, Event, HeadingLevel, Options, Par
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use syntect::easy::HighlightLines;
-use syntect::highlighting::{FontStyle, Theme, ThemeSet};
+use syntect::highlighting::{FontStyle, Theme as SyntectTheme, ThemeSet};
 use syntect::parsing::{SyntaxReference, SyntaxSet};
 use syntect::util::LinesWithEndings;
 
 /// The syntect theme used for code blocks.
-const THEME_NAME: &str = "base16-ocean.dark";
+/// The terminal's background, as the `theme` config key gives it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Theme {
+    /// Light text on a dark background.
+    #[default]
+    Dark,
+    /// Dark text on a light background.
+    Light,
+}
+
+impl Theme {
+    /// The theme named by the config (`"light"`; anything else is dark).
+    pub fn from_name(name: &str) -> Self {
+        if name == "light" {
+            Theme::Light
+        } else {
+            Theme::Dark
+        }
+    }
+
+    /// syntect's theme for code in this theme.
+    fn syntect_name(self) -> &'static str {
+        match self {
+            Theme::Dark => "base16-ocean.dark",
+            Theme::Light => "InspiredGitHub",
+        }
+    }
+
+    /// `color` made readable on this theme's background: pale colours darken on light.
+    pub fn adapt(self, color: Color) -> Color {
+        match (self, color) {
+            (Theme::Light, Color::Cyan) => Color::Blue,
+            (Theme::Light, Color::Yellow) => Color::Rgb(140, 90, 0),
+            (Theme::Light, Color::Green) => Color::Rgb(0, 120, 0),
+            (Theme::Light, Color::Magenta) => Color::Rgb(140, 0, 140),
+            _ => color,
+        }
+    }
+}
 
 /// Indentation of each code line under a code block's header.
 const CODE_INDENT: &str = "  ";
@@ -25,18 +63,37 @@ const CODE_INDENT: &str = "  ";
 /// Syntax highlighting data for fenced code blocks; slow to load, so create it once and share it.
 pub struct Highlighter {
     syntaxes: SyntaxSet,
-    theme: Theme,
+    theme: SyntectTheme,
+    /// The UI theme the syntect theme was chosen for.
+    ui_theme: Theme,
 }
 
 impl Highlighter {
-    /// Loads syntect's default syntaxes and the `base16-ocean.dark` theme (takes tens of ms).
+    /// Loads syntect's default syntaxes and the dark theme (takes tens of ms).
     pub fn new() -> Self {
+        Self::with_theme(Theme::Dark)
+    }
+
+    /// Loads syntect's default syntaxes and the code theme for `ui_theme`.
+    pub fn with_theme(ui_theme: Theme) -> Self {
         let syntaxes = SyntaxSet::load_defaults_newlines();
         let mut themes = ThemeSet::load_defaults();
         // The theme ships with syntect's defaults; should it ever go missing, an empty theme
         // (everything in the default colour) is a better outcome than a panic.
-        let theme = themes.themes.remove(THEME_NAME).unwrap_or_default();
-        Self { syntaxes, theme }
+        let theme = themes
+            .themes
+            .remove(ui_theme.syntect_name())
+            .unwrap_or_default();
+        Self {
+            syntaxes,
+            theme,
+            ui_theme,
+        }
+    }
+
+    /// The UI theme this highlighter was made for.
+    pub fn ui_theme(&self) -> Theme {
+        self.ui_theme
     }
 
     /// The syntax for a fence's language, falling back to plain text.
@@ -58,6 +115,14 @@ impl Highlighter {
             other => other,
         };
         self.syntaxes.find_syntax_by_token(token).unwrap_or(plain)
+    }
+
+    /// Splits `code` from the file at `path` into lines of spans, highlighted by its extension.
+    pub fn highlight_file(&self, path: &str, code: &str, color: bool) -> Vec<Vec<Span<'static>>> {
+        let extension = std::path::Path::new(path)
+            .extension()
+            .and_then(|e| e.to_str());
+        self.highlight(extension, code, color)
     }
 
     /// Splits `code` into lines of spans, highlighted when `color` is on.
@@ -157,13 +222,14 @@ struct TableState {
 /// The colours used outside code blocks; all of them vanish without colour.
 struct Palette {
     color: bool,
+    theme: Theme,
 }
 
 impl Palette {
     fn style(&self, fg: Color, modifier: Modifier) -> Style {
         let style = Style::default().add_modifier(modifier);
         if self.color {
-            style.fg(fg)
+            style.fg(self.theme.adapt(fg))
         } else {
             style
         }
@@ -178,7 +244,7 @@ impl Palette {
 
     fn inline_code(&self) -> Style {
         if self.color {
-            Style::default().fg(Color::Cyan)
+            Style::default().fg(self.theme.adapt(Color::Cyan))
         } else {
             Style::default().add_modifier(Modifier::REVERSED)
         }
@@ -227,7 +293,10 @@ impl<'h> Renderer<'h> {
             highlighter,
             width,
             color,
-            palette: Palette { color },
+            palette: Palette {
+                color,
+                theme: highlighter.ui_theme(),
+            },
             out: Vec::new(),
             containers: Vec::new(),
             lists: Vec::new(),
@@ -1248,5 +1317,22 @@ Done.";
     #[test]
     fn snapshot_width_80() {
         insta::assert_snapshot!(plain(&render(SAMPLE, 80, true)));
+    }
+
+    #[test]
+    fn the_light_theme_colours_code_and_text_for_a_light_background() {
+        let text = "# Title\n\n```rust\nfn main() { let x = 1; }\n```\n";
+        let colours = |theme: Theme| -> Vec<Option<Color>> {
+            let highlighter = Highlighter::with_theme(theme);
+            render_markdown(text, 60, &highlighter, true)
+                .iter()
+                .flat_map(|l| l.spans.iter().map(|s| s.style.fg))
+                .collect()
+        };
+        let (dark, light) = (colours(Theme::Dark), colours(Theme::Light));
+        assert_ne!(dark, light);
+        assert!(light.contains(&Some(Color::Rgb(140, 0, 140))), "{light:?}");
+        assert_eq!(Theme::from_name("light"), Theme::Light);
+        assert_eq!(Theme::from_name("dark"), Theme::Dark);
     }
 }

@@ -1,11 +1,13 @@
 //! The terminal UI: app state and update, drawing, markdown, and the event loop.
 
 pub mod app;
+pub mod diff;
 pub mod markdown;
+pub mod review;
 pub mod ui;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crossterm::event::{
     DisableBracketedPaste, DisableMouseCapture, EnableBracketedPaste, EnableMouseCapture,
@@ -16,8 +18,12 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, EngineOptions, Request};
+use crate::patch::{apply_reviewed, prepare, FileChange, Journal, PatchError};
 use app::{update, App, AppEvent, Effect, Settings};
 use markdown::Highlighter;
+
+/// The system prompt when the config sets none: it teaches the SEARCH/REPLACE edit format.
+pub const DEFAULT_SYSTEM_PROMPT: &str = include_str!("../../assets/system-prompt.md");
 
 /// What the TUI starts with.
 #[derive(Debug, Clone)]
@@ -28,6 +34,12 @@ pub struct TuiOptions {
     pub settings: Settings,
     /// Whether colours are allowed (false under NO_COLOR).
     pub color: bool,
+    /// Light or dark terminal background.
+    pub theme: markdown::Theme,
+    /// Where edits apply: the directory plait runs in.
+    pub workspace: PathBuf,
+    /// Where the undo journal lives (outside the workspace).
+    pub state_dir: PathBuf,
 }
 
 /// Runs the TUI until the user quits; the terminal is restored on every way out.
@@ -47,6 +59,11 @@ async fn event_loop(options: TuiOptions) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut app = App::new(&name, options.settings, options.color);
+    app.theme = options.theme;
+    let files = Files {
+        root: options.workspace,
+        state_dir: options.state_dir,
+    };
     // The UI is up at once; the worker loads the model and reports progress as events.
     let engine = Engine::spawn(options.engine, move |event| {
         // The receiver is gone only when the UI has quit: nothing to report to.
@@ -56,7 +73,7 @@ async fn event_loop(options: TuiOptions) -> std::io::Result<()> {
     // that restores the terminal before the panic message prints.
     let mut terminal = ratatui::init();
     execute!(std::io::stdout(), EnableBracketedPaste, EnableMouseCapture)?;
-    let result = drive(&mut terminal, &mut app, &engine, &mut engine_rx).await;
+    let result = drive(&mut terminal, &mut app, &engine, &files, &mut engine_rx).await;
     let _ = execute!(
         std::io::stdout(),
         DisableMouseCapture,
@@ -71,9 +88,10 @@ async fn drive(
     terminal: &mut ratatui::DefaultTerminal,
     app: &mut App,
     engine: &Engine,
+    files: &Files,
     engine_rx: &mut mpsc::UnboundedReceiver<crate::engine::Event>,
 ) -> std::io::Result<()> {
-    let highlighter = Highlighter::new();
+    let highlighter = Highlighter::with_theme(app.theme);
     let mut terminal_events = EventStream::new();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut dirty = true;
@@ -107,7 +125,7 @@ async fn drive(
         }
         while let Some(event) = queue.pop_front() {
             for effect in update(app, event) {
-                match apply(effect, engine) {
+                match apply(effect, engine, files) {
                     Some(Followup::Quit) => return Ok(()),
                     Some(Followup::Event(event)) => queue.push_back(event),
                     None => {}
@@ -123,8 +141,63 @@ enum Followup {
     Event(AppEvent),
 }
 
+/// The workspace edits apply to and the state directory of its undo journal.
+struct Files {
+    root: PathBuf,
+    state_dir: PathBuf,
+}
+
+impl Files {
+    fn journal(&self) -> Result<Journal, PatchError> {
+        Journal::open(&self.state_dir, &self.root)
+    }
+
+    /// Writes the accepted hunks and records them for undo; the paths written.
+    fn apply(&self, selection: &[(FileChange, Vec<bool>)]) -> Result<Vec<String>, String> {
+        // Without a journal there is no undo: refuse before writing anything.
+        let journal = self
+            .journal()
+            .map_err(|e| format!("nothing was written: cannot keep undo: {e}"))?;
+        let pairs: Vec<(&FileChange, &[bool])> =
+            selection.iter().map(|(c, a)| (c, a.as_slice())).collect();
+        let record = apply_reviewed(&pairs).map_err(|e| match e {
+            PatchError::Changed { .. } => format!(
+                "nothing was written: {e}; /retry re-reads the context files and asks again"
+            ),
+            e => format!("nothing was written: {e}"),
+        })?;
+        let paths = record.entries.iter().map(|e| e.path.clone()).collect();
+        journal
+            .push(&record)
+            .map_err(|e| format!("the files were written, but undo could not be recorded: {e}"))?;
+        Ok(paths)
+    }
+
+    /// Reverts the last applied set; the paths restored, `None` when there is nothing to undo.
+    fn undo(&self, force: bool) -> Result<Option<Vec<String>>, String> {
+        let undone = self.journal().and_then(|j| j.undo_last(force));
+        match undone {
+            Ok(record) => Ok(record.map(|r| r.entries.into_iter().map(|e| e.path).collect())),
+            Err(e @ PatchError::Changed { .. }) => Err(format!(
+                "nothing was undone: {e} after the apply; /undo --force overwrites it"
+            )),
+            Err(e) => Err(format!("nothing was undone: {e}")),
+        }
+    }
+}
+
+fn read_all(paths: Vec<PathBuf>) -> Vec<(PathBuf, Result<String, String>)> {
+    paths
+        .into_iter()
+        .map(|path| {
+            let result = std::fs::read_to_string(&path).map_err(|e| e.to_string());
+            (path, result)
+        })
+        .collect()
+}
+
 /// Carries out an effect; file effects report back as events.
-fn apply(effect: Effect, engine: &Engine) -> Option<Followup> {
+fn apply(effect: Effect, engine: &Engine, files: &Files) -> Option<Followup> {
     match effect {
         Effect::Send(request) => {
             engine.send(request);
@@ -139,21 +212,34 @@ fn apply(effect: Effect, engine: &Engine) -> Option<Followup> {
             Some(Followup::Event(AppEvent::FileRead { path, result }))
         }
         Effect::ReadAttachments(paths) => {
-            let read = paths
-                .into_iter()
-                .map(|path| {
-                    let result = std::fs::read_to_string(&path).map_err(|e| e.to_string());
-                    (path, result)
-                })
-                .collect();
-            Some(Followup::Event(AppEvent::AttachmentsRead(read)))
+            Some(Followup::Event(AppEvent::AttachmentsRead(read_all(paths))))
         }
+        Effect::RefreshFiles(paths) => {
+            Some(Followup::Event(AppEvent::FilesRefreshed(read_all(paths))))
+        }
+        Effect::PrepareEdits {
+            edits,
+            expected,
+            complete,
+            anchors,
+        } => {
+            let result = prepare(&files.root, &edits, &expected).map_err(|e| e.to_string());
+            Some(Followup::Event(AppEvent::EditsPrepared {
+                result,
+                complete,
+                anchors,
+            }))
+        }
+        Effect::Apply(selection) => {
+            Some(Followup::Event(AppEvent::Applied(files.apply(&selection))))
+        }
+        Effect::Undo { force } => Some(Followup::Event(AppEvent::Undone(files.undo(force)))),
         Effect::Save { path, text } => Some(Followup::Event(AppEvent::Saved(save(&path, &text)))),
     }
 }
 
 /// Writes through a temporary file and a rename, so an existing file is never half-written.
-fn save(path: &PathBuf, text: &str) -> Result<PathBuf, String> {
+fn save(path: &Path, text: &str) -> Result<PathBuf, String> {
     let partial = path.with_extension("partial");
     let write = || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&partial)?;
@@ -161,7 +247,7 @@ fn save(path: &PathBuf, text: &str) -> Result<PathBuf, String> {
         file.sync_all()?;
         std::fs::rename(&partial, path)
     };
-    write().map(|()| path.clone()).map_err(|e| {
+    write().map(|()| path.to_path_buf()).map_err(|e| {
         let _ = std::fs::remove_file(&partial);
         format!("{}: {e}", path.display())
     })

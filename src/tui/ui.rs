@@ -7,6 +7,7 @@ use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 use ratatui::Frame;
 
 use super::app::{App, CellStatus, EngineState, Focus, Role, COMMANDS, KEYS};
+use super::diff::diff_lines;
 use super::markdown::{render_markdown, Highlighter};
 
 /// Below this the screen shows a notice instead of the layout.
@@ -19,7 +20,7 @@ const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█']
 
 fn style(app: &App, color: Color) -> Style {
     if app.color {
-        Style::default().fg(color)
+        Style::default().fg(app.theme.adapt(color))
     } else {
         Style::default()
     }
@@ -44,7 +45,13 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter) {
         Constraint::Length(1),
     ])
     .areas(area);
-    draw_chat(frame, app, highlighter, chat);
+    if app.review.is_some() {
+        let (chat, diff) = split_for_diff(chat, app.diff_large);
+        draw_chat(frame, app, highlighter, chat);
+        draw_diff(frame, app, highlighter, diff);
+    } else {
+        draw_chat(frame, app, highlighter, chat);
+    }
     draw_input(frame, app, input);
     draw_status(frame, app, status);
     let completions = app.completions();
@@ -147,6 +154,52 @@ fn draw_chat(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter, ar
                 .style(style(app, Color::DarkGray));
         frame.render_widget(hint, Rect { height: 1, ..inner });
     }
+}
+
+/// Chat and diff side by side on wide screens, stacked otherwise; `large` favours the diff.
+fn split_for_diff(area: Rect, large: bool) -> (Rect, Rect) {
+    let diff_share = if large { 70 } else { 50 };
+    let constraints = [
+        Constraint::Percentage(100 - diff_share),
+        Constraint::Percentage(diff_share),
+    ];
+    let [chat, diff] = if area.width >= 120 {
+        Layout::horizontal(constraints).areas(area)
+    } else {
+        Layout::vertical(constraints).areas(area)
+    };
+    (chat, diff)
+}
+
+fn draw_diff(frame: &mut Frame<'_>, app: &App, highlighter: &Highlighter, area: Rect) {
+    let Some(review) = &app.review else {
+        return;
+    };
+    let focused = app.focus == Focus::Diff;
+    let title = format!(
+        " edits: {}/{} hunks accepted{} ",
+        review.accepted_count(),
+        review.hunk_count(),
+        if focused {
+            " · Space toggle · a apply · A all · r none · f size"
+        } else {
+            " · Tab to review"
+        }
+    );
+    let block = Block::bordered().title(title).border_style(if focused {
+        style(app, Color::Cyan)
+    } else {
+        Style::default()
+    });
+    let inner = block.inner(area);
+    let (lines, selected) = diff_lines(review, highlighter, app.color);
+    // Keep the selected hunk's header near the top, the file header above it when it fits.
+    let height = inner.height as usize;
+    let top = selected
+        .saturating_sub(2)
+        .min(lines.len().saturating_sub(height));
+    let visible: Vec<Line<'static>> = lines.into_iter().skip(top).take(height).collect();
+    frame.render_widget(Paragraph::new(visible).block(block), area);
 }
 
 fn draw_input(frame: &mut Frame<'_>, app: &App, area: Rect) {
@@ -340,8 +393,9 @@ mod tests {
 
     use super::*;
     use crate::engine::{Event as EngineEvent, StopReason, TurnStats};
-    use crate::tui::app::tests::loaded_app;
+    use crate::tui::app::tests::{hello_workspace, loaded_app, run_edit_effects, EDIT_ANSWER};
     use crate::tui::app::{update, AppEvent};
+    use crossterm::event::{KeyCode, KeyEvent};
 
     fn ask(app: &mut App, question: &str, answer: &[&str]) {
         for c in question.chars() {
@@ -433,6 +487,7 @@ mod tests {
                 reused_tokens: 12,
                 context_used: 40,
                 kv_bytes: 4096,
+                dropped_messages: 0,
             })),
         );
         update(&mut app, AppEvent::Engine(EngineEvent::LoopsChanged(3)));
@@ -476,6 +531,50 @@ mod tests {
         for cell in buffer.content() {
             assert_eq!(cell.fg, Color::Reset);
             assert_eq!(cell.bg, Color::Reset);
+        }
+    }
+
+    #[test]
+    fn diff_pane_with_accepted_and_rejected_hunks() {
+        for (w, h) in [(80, 30), (140, 30)] {
+            let dir = hello_workspace();
+            let mut app = loaded_app();
+            ask(&mut app, "tidy hello.py", &[]);
+            for text in EDIT_ANSWER {
+                let effects = update(
+                    &mut app,
+                    AppEvent::Engine(EngineEvent::Token {
+                        text: text.to_string(),
+                        latency: Duration::from_millis(20),
+                    }),
+                );
+                run_edit_effects(&mut app, dir.path(), effects);
+            }
+            let effects = update(
+                &mut app,
+                AppEvent::Engine(EngineEvent::Done(TurnStats {
+                    stop_reason: StopReason::Eos,
+                    tokens: 60,
+                    time_to_first_token: Duration::from_millis(40),
+                    decode_tok_s: 50.0,
+                    reused_tokens: 0,
+                    context_used: 200,
+                    kv_bytes: 1024,
+                    dropped_messages: 0,
+                })),
+            );
+            run_edit_effects(&mut app, dir.path(), effects);
+            // Focus the pane, reject the first hunk, select the second.
+            for code in [
+                KeyCode::Tab,
+                KeyCode::Tab,
+                KeyCode::Char(' '),
+                KeyCode::Down,
+            ] {
+                update(&mut app, AppEvent::Key(KeyEvent::from(code)));
+            }
+            let terminal = render(&mut app, w, h);
+            insta::assert_snapshot!(format!("diff_pane_{w}x{h}"), terminal.backend());
         }
     }
 }
