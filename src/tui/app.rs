@@ -1252,6 +1252,25 @@ pub(crate) mod tests {
         app
     }
 
+    /// `/add`s the file `name` of `root` as the runtime would; returns its text.
+    fn add_file(app: &mut App, root: &Path, name: &str) -> String {
+        let text = std::fs::read_to_string(root.join(name)).unwrap();
+        let result = Ok(text.clone());
+        update(
+            app,
+            AppEvent::FileRead {
+                path: PathBuf::from(name),
+                result,
+            },
+        );
+        text
+    }
+
+    /// The text of the newest chat cell.
+    fn last_notice(app: &App) -> &str {
+        &app.cells.last().unwrap().text
+    }
+
     fn key(code: KeyCode) -> AppEvent {
         AppEvent::Key(KeyEvent::new(code, KeyModifiers::NONE))
     }
@@ -1418,12 +1437,7 @@ pub(crate) mod tests {
         assert!(app.cells.last().unwrap().text.contains("1 to 8"));
         type_text(&mut app, "/frobnicate");
         update(&mut app, key(KeyCode::Enter));
-        assert!(app
-            .cells
-            .last()
-            .unwrap()
-            .text
-            .contains("unknown command /frobnicate"));
+        assert!(last_notice(&app).contains("unknown command /frobnicate"));
         type_text(&mut app, "/add src/main.rs");
         assert_eq!(
             update(&mut app, key(KeyCode::Enter)),
@@ -1497,12 +1511,7 @@ pub(crate) mod tests {
             AppEvent::AttachmentsRead(vec![("nope.rs".into(), Err("not found".into()))]),
         );
         assert!(effects.is_empty());
-        assert!(app
-            .cells
-            .last()
-            .unwrap()
-            .text
-            .contains("cannot attach @nope.rs: not found"));
+        assert!(last_notice(&app).contains("cannot attach @nope.rs: not found"));
     }
 
     #[test]
@@ -1564,16 +1573,9 @@ pub(crate) mod tests {
                     complete,
                     anchors,
                 } => {
-                    let result =
-                        crate::patch::prepare(root, &edits, &expected).map_err(|e| e.to_string());
-                    rest.extend(update(
-                        app,
-                        AppEvent::EditsPrepared {
-                            result,
-                            complete,
-                            anchors,
-                        },
-                    ));
+                    let event =
+                        crate::tui::prepare_edits(root, &edits, &expected, complete, anchors);
+                    rest.extend(update(app, event));
                 }
                 other => rest.push(other),
             }
@@ -1658,12 +1660,7 @@ pub(crate) mod tests {
                 "round {round}: {rest:?}"
             );
         }
-        assert!(app
-            .cells
-            .last()
-            .unwrap()
-            .text
-            .contains("no corrected edit after 2 tries"));
+        assert!(last_notice(&app).contains("no corrected edit after 2 tries"));
         assert!(app.review.is_none());
         // A new message from the user starts the count again.
         type_text(&mut app, "again");
@@ -1694,12 +1691,7 @@ pub(crate) mod tests {
         );
         type_text(&mut app, "/apply");
         assert!(update(&mut app, key(KeyCode::Enter)).is_empty());
-        assert!(app
-            .cells
-            .last()
-            .unwrap()
-            .text
-            .contains("this deletes old.py"));
+        assert!(last_notice(&app).contains("this deletes old.py"));
         // Another action in between cancels the confirmation.
         type_text(&mut app, "/files");
         update(&mut app, key(KeyCode::Enter));
@@ -1716,14 +1708,7 @@ pub(crate) mod tests {
     fn the_model_is_shown_file_hashes_that_edits_are_checked_against() {
         let dir = hello_workspace();
         let mut app = loaded_app();
-        let text = std::fs::read_to_string(dir.path().join("hello.py")).unwrap();
-        update(
-            &mut app,
-            AppEvent::FileRead {
-                path: PathBuf::from("./hello.py"),
-                result: Ok(text.clone()),
-            },
-        );
+        let text = add_file(&mut app, dir.path(), "./hello.py");
         // The file changes after the model was shown it: the edit is refused and retried.
         std::fs::write(dir.path().join("hello.py"), text.replace("bye", "ciao")).unwrap();
         let effects = answer_with_edits(&mut app, dir.path());
@@ -1735,14 +1720,7 @@ pub(crate) mod tests {
     fn a_plain_code_block_becomes_an_inferred_edit_that_starts_rejected() {
         let dir = hello_workspace();
         let mut app = loaded_app();
-        let text = std::fs::read_to_string(dir.path().join("hello.py")).unwrap();
-        update(
-            &mut app,
-            AppEvent::FileRead {
-                path: PathBuf::from("hello.py"),
-                result: Ok(text),
-            },
-        );
+        add_file(&mut app, dir.path(), "hello.py");
         type_text(&mut app, "make greet friendlier");
         update(&mut app, key(KeyCode::Enter));
         update(
@@ -1760,12 +1738,7 @@ pub(crate) mod tests {
         assert!(app.cells.last().unwrap().text.starts_with("inferred"));
         type_text(&mut app, "/apply");
         assert!(update(&mut app, key(KeyCode::Enter)).is_empty());
-        assert!(app
-            .cells
-            .last()
-            .unwrap()
-            .text
-            .contains("no hunk is accepted"));
+        assert!(last_notice(&app).contains("no hunk is accepted"));
         type_text(&mut app, "/diff");
         update(&mut app, key(KeyCode::Enter));
         update(&mut app, key(KeyCode::Char(' ')));

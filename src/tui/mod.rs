@@ -6,6 +6,7 @@ pub mod markdown;
 pub mod review;
 pub mod ui;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +19,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::engine::{Engine, EngineOptions, Request};
-use crate::patch::{apply_reviewed, prepare, FileChange, Journal, PatchError};
+use crate::patch::{apply_reviewed, prepare, Edit, FileChange, Journal, PatchError};
 use app::{update, App, AppEvent, Effect, Settings};
 use markdown::Highlighter;
 
@@ -186,6 +187,21 @@ impl Files {
     }
 }
 
+/// Checks proposed edits against the workspace at `root`; the event that reports it.
+pub(crate) fn prepare_edits(
+    root: &Path,
+    edits: &[Edit],
+    expected: &HashMap<String, u64>,
+    complete: bool,
+    anchors: Vec<String>,
+) -> AppEvent {
+    AppEvent::EditsPrepared {
+        result: prepare(root, edits, expected).map_err(|e| e.to_string()),
+        complete,
+        anchors,
+    }
+}
+
 fn read_all(paths: Vec<PathBuf>) -> Vec<(PathBuf, Result<String, String>)> {
     paths
         .into_iter()
@@ -222,14 +238,13 @@ fn apply(effect: Effect, engine: &Engine, files: &Files) -> Option<Followup> {
             expected,
             complete,
             anchors,
-        } => {
-            let result = prepare(&files.root, &edits, &expected).map_err(|e| e.to_string());
-            Some(Followup::Event(AppEvent::EditsPrepared {
-                result,
-                complete,
-                anchors,
-            }))
-        }
+        } => Some(Followup::Event(prepare_edits(
+            &files.root,
+            &edits,
+            &expected,
+            complete,
+            anchors,
+        ))),
         Effect::Apply(selection) => {
             Some(Followup::Event(AppEvent::Applied(files.apply(&selection))))
         }

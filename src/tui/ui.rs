@@ -193,11 +193,16 @@ fn draw_diff(frame: &mut Frame<'_>, app: &App, highlighter: &Highlighter, area: 
     });
     let inner = block.inner(area);
     let (lines, selected) = diff_lines(review, highlighter, app.color);
-    // Keep the selected hunk's header near the top, the file header above it when it fits.
+    // Scroll only when the selected hunk's header would be out of sight; then keep it near
+    // the top, with the file header above it when it fits.
     let height = inner.height as usize;
-    let top = selected
-        .saturating_sub(2)
-        .min(lines.len().saturating_sub(height));
+    let top = if selected + 4 < height {
+        0
+    } else {
+        selected
+            .saturating_sub(2)
+            .min(lines.len().saturating_sub(height))
+    };
     let visible: Vec<Line<'static>> = lines.into_iter().skip(top).take(height).collect();
     frame.render_widget(Paragraph::new(visible).block(block), area);
 }
