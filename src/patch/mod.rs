@@ -8,6 +8,8 @@ pub mod infer;
 pub mod journal;
 pub mod locate;
 pub mod parse;
+#[cfg(all(test, unix))]
+mod proptests;
 pub mod review;
 
 pub use apply::{apply_edits, content_hash, undo, UndoEntry, UndoRecord};
