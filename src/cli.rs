@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and the non-interactive commands.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use plait::engine::EngineOptions;
 use plait::engine::{self, GenerateRequest, Generation, StepControl};
 use plait::model::{convert_to_gguf, Quant};
 use plait::model::{ChatMessage, LoadedModel, Sampler, SamplingParams, TextTokenizer};
+use plait::patch::{self, ChangeKind, Edit, FileChange, Journal, PatchError};
 use plait::tui::app::Settings;
 use plait::tui::TuiOptions;
 use serde_json::json;
@@ -55,6 +57,35 @@ enum Command {
     Bench(BenchArgs),
     /// Convert a LoopCoder-V2-layout checkpoint directory to one GGUF file.
     Convert(ConvertArgs),
+    /// Apply the edits in a model reply (a markdown file) to a workspace, all or nothing.
+    Apply(ApplyArgs),
+    /// Undo the last set of edits applied to a workspace.
+    Undo(UndoArgs),
+}
+
+#[derive(Args)]
+struct ApplyArgs {
+    /// Say what would happen; write nothing.
+    #[arg(long)]
+    check: bool,
+    /// The workspace the reply's paths are relative to.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    root: PathBuf,
+    /// Allow the reply to delete files.
+    #[arg(long)]
+    yes: bool,
+    /// The reply: SEARCH/REPLACE blocks, unified diffs or whole files, each after its path line.
+    reply: PathBuf,
+}
+
+#[derive(Args)]
+struct UndoArgs {
+    /// The workspace whose last applied set to undo.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    root: PathBuf,
+    /// Undo even files that changed after the apply, losing those changes.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -198,6 +229,8 @@ impl Cli {
             Command::Ask(args) => ask(args),
             Command::Bench(args) => bench(args),
             Command::Convert(args) => convert(args),
+            Command::Apply(args) => apply(args),
+            Command::Undo(args) => undo(args),
         }
     }
 }
@@ -556,6 +589,126 @@ fn convert(args: ConvertArgs) -> Result<()> {
         summary.bytes as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The edits of each path, in order of first appearance.
+fn group_by_path(edits: &[Edit]) -> Vec<(&str, Vec<Edit>)> {
+    let mut groups: Vec<(&str, Vec<Edit>)> = Vec::new();
+    for e in edits {
+        match groups.iter_mut().find(|(p, _)| *p == e.path()) {
+            Some((_, group)) => group.push(e.clone()),
+            None => groups.push((e.path(), vec![e.clone()])),
+        }
+    }
+    groups
+}
+
+fn apply(args: ApplyArgs) -> Result<()> {
+    let edits = patch::parse_edits(&read_text(&args.reply)?);
+    if edits.is_empty() {
+        bail!(
+            "{}: no edits found (expected SEARCH/REPLACE blocks, unified diffs or whole files, each after a line naming its path)",
+            args.reply.display()
+        );
+    }
+    let root = &args.root;
+    if !root.is_dir() {
+        bail!("{}: not a directory", root.display());
+    }
+    let deletions: Vec<&str> = edits
+        .iter()
+        .filter(|e| matches!(e, Edit::Delete { .. }))
+        .map(Edit::path)
+        .collect();
+    if !deletions.is_empty() && !args.yes {
+        for path in &deletions {
+            println!("{path}: the reply deletes this file; pass --yes to allow deletions");
+        }
+        bail!("refused to delete files without --yes; nothing was written");
+    }
+    // The reply carries no hashes: the files are taken as they are now.
+    let expected = HashMap::new();
+    // Each file alone first, so that every failing file is named, not only the first.
+    let groups = group_by_path(&edits);
+    let checked: Vec<Result<Vec<FileChange>, PatchError>> = groups
+        .iter()
+        .map(|(_, group)| patch::check_edits(root, group, &expected))
+        .collect();
+    let failed = checked.iter().filter(|c| c.is_err()).count();
+    if failed > 0 {
+        for ((path, _), check) in groups.iter().zip(&checked) {
+            match check {
+                Err(e) => println!("{e}"),
+                Ok(_) => println!("{path}: not applied, because another file failed"),
+            }
+        }
+        bail!(
+            "{failed} of {} files failed; nothing was written",
+            groups.len()
+        );
+    }
+    // The set as a whole (edits of one file spelt two ways meet only here).
+    if let Err(e) = patch::check_edits(root, &edits, &expected) {
+        println!("{e}");
+        bail!("nothing was written");
+    }
+    if args.check {
+        for ((path, _), check) in groups.iter().zip(&checked) {
+            let line = match check.as_deref().ok().and_then(<[_]>::first) {
+                Some(c) if c.kind == ChangeKind::Create => format!("would create {path}"),
+                Some(c) if c.kind == ChangeKind::Delete => format!("would delete {path}"),
+                Some(_) => format!("would apply {path}"),
+                None => format!("{path}: already up to date"),
+            };
+            println!("{line}");
+        }
+        println!("check only: nothing was written");
+        return Ok(());
+    }
+    // Opened before writing, so that a journal problem stops the apply instead of losing undo.
+    let journal = Journal::open(&plait::config::state_dir()?, root)?;
+    let record = patch::apply_edits(root, &edits, &expected)?;
+    for ((path, _), check) in groups.iter().zip(&checked) {
+        let changed = check.as_deref().is_ok_and(|changes| {
+            changes
+                .iter()
+                .any(|c| record.entries.iter().any(|e| e.target == c.target))
+        });
+        if changed {
+            println!("applied {path}");
+        } else {
+            println!("{path}: already up to date");
+        }
+    }
+    journal.push(&record).with_context(|| {
+        format!(
+            "the edits were applied but could not be recorded for undo in {}",
+            journal.dir().display()
+        )
+    })?;
+    Ok(())
+}
+
+fn undo(args: UndoArgs) -> Result<()> {
+    let journal = Journal::open(&plait::config::state_dir()?, &args.root)?;
+    let record = match journal.undo_last(args.force) {
+        Ok(Some(record)) => record,
+        Ok(None) => bail!("nothing to undo in {}", args.root.display()),
+        Err(PatchError::Changed { path }) => {
+            println!("{path}: changed after the apply");
+            bail!("nothing was undone; pass --force to undo anyway and lose those changes");
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for e in &record.entries {
+        if e.previous.is_some() {
+            println!("restored {}", e.path);
+        } else {
+            println!("removed {}", e.path);
+        }
+    }
+    println!("{} more set(s) can be undone", journal.depth()?);
     Ok(())
 }
 
