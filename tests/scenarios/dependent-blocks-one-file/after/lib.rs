@@ -1,0 +1,7 @@
+fn helper2() {
+    println!("hi");
+}
+
+fn main() {
+    helper();
+}

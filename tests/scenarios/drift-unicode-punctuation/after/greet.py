@@ -1,0 +1,2 @@
+print("all good")
+other = 1

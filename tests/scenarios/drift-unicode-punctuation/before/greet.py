@@ -1,0 +1,2 @@
+print("it's fine") - ok
+other = 1
