@@ -74,6 +74,10 @@ struct ApplyArgs {
     /// Allow the reply to delete files.
     #[arg(long)]
     yes: bool,
+    /// A file (relative to the root) the model was shown: when the reply has no explicit
+    /// edits, its plain code blocks are placed in these files (repeatable).
+    #[arg(long, value_name = "PATH")]
+    context: Vec<PathBuf>,
     /// The reply: SEARCH/REPLACE blocks, unified diffs or whole files, each after its path line.
     reply: PathBuf,
 }
@@ -604,17 +608,56 @@ fn group_by_path(edits: &[Edit]) -> Vec<(&str, Vec<Edit>)> {
     groups
 }
 
-fn apply(args: ApplyArgs) -> Result<()> {
-    let edits = patch::parse_edits(&read_text(&args.reply)?);
-    if edits.is_empty() {
-        bail!(
-            "{}: no edits found (expected SEARCH/REPLACE blocks, unified diffs or whole files, each after a line naming its path)",
-            args.reply.display()
-        );
+/// Edits inferred from the reply's plain code blocks, placed in the `context` files.
+fn infer(reply: &str, root: &Path, context: &[PathBuf]) -> Result<Vec<Edit>> {
+    let files = context
+        .iter()
+        .map(|path| {
+            Ok((
+                path.to_string_lossy().into_owned(),
+                read_text(&root.join(path))?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let inference = patch::infer_edits(reply, &files);
+    // stdout keeps one line per file (applied, or why not); what inference did goes to stderr.
+    for reason in &inference.skipped {
+        eprintln!("{reason}");
     }
+    Ok(inference
+        .edits
+        .into_iter()
+        .map(|inferred| {
+            eprintln!(
+                "{}: inferred from a code block at {}",
+                inferred.edit.path(),
+                inferred.anchors.join(", ")
+            );
+            inferred.edit
+        })
+        .collect())
+}
+
+fn apply(args: ApplyArgs) -> Result<()> {
     let root = &args.root;
     if !root.is_dir() {
         bail!("{}: not a directory", root.display());
+    }
+    let reply = read_text(&args.reply)?;
+    let mut edits = patch::parse_edits(&reply);
+    if edits.is_empty() && !args.context.is_empty() {
+        edits = infer(&reply, root, &args.context)?;
+    }
+    if edits.is_empty() {
+        bail!(
+            "{}: no edits found (expected SEARCH/REPLACE blocks, unified diffs or whole files, each after a line naming its path{})",
+            args.reply.display(),
+            if args.context.is_empty() {
+                "; --context PATH places plain code blocks in that file"
+            } else {
+                ""
+            }
+        );
     }
     let deletions: Vec<&str> = edits
         .iter()
@@ -633,7 +676,7 @@ fn apply(args: ApplyArgs) -> Result<()> {
     let groups = group_by_path(&edits);
     let checked: Vec<Result<Vec<FileChange>, PatchError>> = groups
         .iter()
-        .map(|(_, group)| patch::check_edits(root, group, &expected))
+        .map(|(_, group)| patch::prepare(root, group, &expected))
         .collect();
     let failed = checked.iter().filter(|c| c.is_err()).count();
     if failed > 0 {
@@ -649,7 +692,7 @@ fn apply(args: ApplyArgs) -> Result<()> {
         );
     }
     // The set as a whole (edits of one file spelt two ways meet only here).
-    if let Err(e) = patch::check_edits(root, &edits, &expected) {
+    if let Err(e) = patch::prepare(root, &edits, &expected) {
         println!("{e}");
         bail!("nothing was written");
     }
@@ -673,7 +716,7 @@ fn apply(args: ApplyArgs) -> Result<()> {
         let changed = check.as_deref().is_ok_and(|changes| {
             changes
                 .iter()
-                .any(|c| record.entries.iter().any(|e| e.target == c.target))
+                .any(|c| record.entries.iter().any(|e| e.path == c.path))
         });
         if changed {
             println!("applied {path}");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 
-use super::{apply_edits, check_edits, parse_edits, undo};
+use super::{apply_edits, parse_edits, prepare, undo};
 
 /// Pieces of the three edit formats and paths, good and bad.
 const FRAGMENTS: &[&str] = &[
@@ -205,7 +205,7 @@ fn parse_and_apply(reply: &str) -> Result<(), TestCaseError> {
     let singles = edits.iter().map(std::slice::from_ref);
     for set in singles.chain(std::iter::once(&edits[..])) {
         let before = tree(root);
-        let checked = check_edits(root, set, &none);
+        let checked = prepare(root, set, &none);
         prop_assert_eq!(&tree(root), &before, "check wrote something");
         match apply_edits(root, set, &none) {
             Ok(record) => {

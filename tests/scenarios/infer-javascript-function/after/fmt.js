@@ -1,0 +1,7 @@
+function wrap(text) {
+  return `{${text ?? ""}}`;
+}
+
+function shout(text) {
+  return text.toUpperCase();
+}

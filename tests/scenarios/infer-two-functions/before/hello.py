@@ -1,0 +1,9 @@
+import sys
+
+
+def greet(name):
+    print("Hello", name)
+
+
+def main():
+    greet(sys.argv[1])
