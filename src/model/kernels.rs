@@ -4,8 +4,8 @@
 //! (one per PLT loop during decode). candle's own dot products walk the weights once per
 //! row; here every weight block is read and unpacked once and then dotted with all rows, so
 //! `rows = 2` costs much less than twice `rows = 1`. Columns are split over candle's
-//! persistent barrier pool, whose workers spin between calls, so even a one-row product of
-//! a small matrix uses every thread.
+//! persistent barrier pool ([`parallel_pieces`]), so even a one-row product of a small
+//! matrix uses every thread.
 //!
 //! Numerics follow ggml/candle exactly: each activation row is quantized per 32-block to
 //! Q8_1 (`d = amax / 127` rounded to f16, `q = round(x / d)`, `s = d * sum(q)` in f16). A
@@ -25,10 +25,6 @@ const MAX_ROWS: usize = 8;
 /// Below this much work (weights times activation rows, at most [`MAX_ROWS`]) a product runs
 /// on the calling thread: waking the pool costs more than it saves.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
-/// Column chunks per thread: a thread slowed by other work on the machine leaves its
-/// share to the others instead of holding up the barrier.
-const CHUNKS_PER_THREAD: usize = 4;
-
 /// The block formats the kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -54,15 +50,32 @@ impl Format {
             Self::Q8_0 => 34,
         }
     }
+
+    /// Bytes of weights per block (the rest are f16 scales in front).
+    fn weight_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 16,
+            Self::Q8_0 => 32,
+        }
+    }
 }
 
-/// Quantized weights `[n, k]` (k a multiple of 32) laid out as GGUF blocks, ready for
-/// multi-row products.
+/// Output columns per tile of the repacked layout.
+const TILE: usize = 8;
+
+/// Quantized weights `[n, k]` (k a multiple of 32) repacked for multi-row products.
+///
+/// The GGUF blocks of [`TILE`] consecutive output columns are interleaved: per tile, per
+/// block, the columns' scales `d` (then, for Q4_1, their minimums `m`) as f16, then the
+/// weight bytes in groups of 4 (`4 * g ..` of each column in turn). One 32-byte load then
+/// holds 4 weights of each of 8 columns, so a SIMD lane accumulates one column and every
+/// lane does useful work, with no horizontal sums. Same bytes as GGUF, in another order.
 pub(crate) struct QuantMatrix {
     format: Format,
+    /// Columns, a multiple of [`TILE`] (each stacked part padded with zero columns).
     n: usize,
     k: usize,
-    /// `n * k / 32` GGUF blocks, row (output column) after row.
+    /// `n / TILE` tiles of `k / 32` interleaved blocks each.
     data: Vec<u8>,
 }
 
@@ -107,13 +120,16 @@ impl Q8Rows {
 }
 
 impl QuantMatrix {
-    /// The matrices of `parts` stacked (their rows one after another), from candle
-    /// QTensors; None unless all are 2-D, of one supported format, with the same row
-    /// length, a multiple of 32.
-    pub(crate) fn from_qtensors(parts: &[&QTensor]) -> Option<Self> {
+    /// The matrices of `parts` stacked (their rows one after another, each padded to a
+    /// multiple of [`TILE`]), from candle QTensors, with the columns each part occupies;
+    /// None unless all are 2-D, of one supported format, with the same row length, a
+    /// multiple of 32.
+    pub(crate) fn from_qtensors(parts: &[&QTensor]) -> Option<(Self, Vec<Range<usize>>)> {
         let format = Format::of(parts.first()?.dtype())?;
+        let bb = format.block_bytes();
         let (mut n, mut k) = (0, None);
         let mut data = Vec::new();
+        let mut ranges = Vec::with_capacity(parts.len());
         for t in parts {
             let (rows, cols) = t.shape().dims2().ok()?;
             if Format::of(t.dtype()) != Some(format)
@@ -122,25 +138,45 @@ impl QuantMatrix {
             {
                 return None;
             }
+            let kb = cols / QK;
             let bytes = t.data().ok()?;
-            if bytes.len() != rows * (cols / QK) * format.block_bytes() {
+            if bytes.len() != rows * kb * bb {
                 return None;
             }
-            data.extend_from_slice(&bytes);
-            n += rows;
+            let zero = vec![0u8; bb];
+            let scale_bytes = bb - format.weight_bytes();
+            for tile in 0..rows.div_ceil(TILE) {
+                for b in 0..kb {
+                    let blocks: Vec<&[u8]> = (0..TILE)
+                        .map(|c| match tile * TILE + c {
+                            j if j < rows => &bytes[(j * kb + b) * bb..(j * kb + b + 1) * bb],
+                            _ => &zero[..],
+                        })
+                        .collect();
+                    // The scales, one f16 field at a time (d, then m for Q4_1).
+                    for field in (0..scale_bytes).step_by(2) {
+                        for blk in &blocks {
+                            data.extend_from_slice(&blk[field..field + 2]);
+                        }
+                    }
+                    for group in (scale_bytes..bb).step_by(4) {
+                        for blk in &blocks {
+                            data.extend_from_slice(&blk[group..group + 4]);
+                        }
+                    }
+                }
+            }
+            ranges.push(n..n + rows);
+            n += rows.next_multiple_of(TILE);
             k = Some(cols);
         }
-        Some(Self {
+        let matrix = Self {
             format,
             n,
             k: k?,
             data,
-        })
-    }
-
-    /// Output features (rows of the weight matrix).
-    pub(crate) fn n(&self) -> usize {
-        self.n
+        };
+        Some((matrix, ranges))
     }
 
     /// `y[r][j - cols.start] = sum_i x[r][i] * w[j][i]` for `j` in `cols`: `x` is
@@ -165,30 +201,27 @@ impl QuantMatrix {
             "QuantMatrix::matmul: columns out of range"
         );
         let n = cols.len();
+        // Whole tiles covering `cols`; `skip` columns of the first are not wanted.
+        let first_tile = cols.start / TILE;
+        let tiles = cols.end.div_ceil(TILE) - first_tile;
+        let skip = cols.start - first_tile * TILE;
         let mut y = vec![0f32; rows * n];
-        let pool = candle_core::utils::barrier_pool();
-        let threads = pool.n_workers() + 1;
+        let threads = pool_threads();
         let mut r0 = 0;
         while r0 < rows {
             let g = (rows - r0).min(MAX_ROWS);
             let q8 = Q8Rows::quantize(&x[r0 * k..(r0 + g) * k], g, k);
-            // Column-major `[n][g]`, so each chunk is one contiguous range of columns.
-            let mut out = vec![0f32; n * g];
+            // Column-major `[tiles * TILE][g]`, so each piece is one contiguous range of tiles.
+            let mut out = vec![0f32; tiles * TILE * g];
             if parallel && threads > 1 && n * k * g >= PARALLEL_MIN_WORK {
-                // Multiples of 4 columns keep the kernel on its widest tiles.
-                let per = n.div_ceil(threads * CHUNKS_PER_THREAD).next_multiple_of(4);
-                let chunks: Vec<Mutex<&mut [f32]>> =
-                    out.chunks_mut(per * g).map(Mutex::new).collect();
-                pool.execute_chunked(chunks.len(), |range| {
-                    for i in range {
-                        let mut chunk = chunks[i].lock().unwrap_or_else(PoisonError::into_inner);
-                        self.columns(&q8, cols.start + i * per, &mut chunk, simd);
-                    }
+                let per = tiles.div_ceil(threads);
+                parallel_pieces(&mut out, per * TILE * g, |i, piece| {
+                    self.tiles(&q8, first_tile + i * per, piece, simd);
                 });
             } else {
-                self.columns(&q8, cols.start, &mut out, simd);
+                self.tiles(&q8, first_tile, &mut out, simd);
             }
-            for (j, col) in out.chunks_exact(g).enumerate() {
+            for (j, col) in out.chunks_exact(g).skip(skip).take(n).enumerate() {
                 for (r, &v) in col.iter().enumerate() {
                     y[(r0 + r) * n + j] = v;
                 }
@@ -198,22 +231,46 @@ impl QuantMatrix {
         y
     }
 
-    /// Outputs for columns `j0 .. j0 + out.len() / q8.rows`, written `[column][row]`.
-    fn columns(&self, q8: &Q8Rows, j0: usize, out: &mut [f32], simd: bool) {
+    /// Outputs for tiles `t0 ..` (as many as `out` holds), written `[column][row]`.
+    fn tiles(&self, q8: &Q8Rows, t0: usize, out: &mut [f32], simd: bool) {
         let kb = self.k / QK;
-        let ncols = out.len() / q8.rows;
-        let col_bytes = kb * self.format.block_bytes();
-        let w = &self.data[j0 * col_bytes..(j0 + ncols) * col_bytes];
+        let tile_bytes = TILE * kb * self.format.block_bytes();
+        let count = out.len() / (TILE * q8.rows);
+        let w = &self.data[t0 * tile_bytes..(t0 + count) * tile_bytes];
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: `simd` is only true when `simd_available()` found AVX2, FMA and F16C
             // on this CPU (the tests pass it after checking the same).
-            unsafe { avx2::columns(self.format, w, kb, q8, out) };
+            unsafe { avx2::tiles(self.format, w, kb, q8, out) };
             return;
         }
         let _ = simd;
-        columns_scalar(self.format, w, kb, q8, out);
+        tiles_scalar(self.format, w, kb, q8, out);
     }
+}
+
+/// Threads of candle's barrier pool: its workers and the calling thread.
+fn pool_threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
+}
+
+/// Runs `f(i, piece)` for each `len`-long piece of `out` (the last may be shorter) on
+/// candle's barrier pool, whose workers spin between calls, so that even short work uses
+/// every thread; each thread takes one contiguous run of pieces, so neighbouring pieces
+/// that read the same data stay on one core.
+pub(crate) fn parallel_pieces(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let pieces: Vec<Mutex<&mut [f32]>> = out.chunks_mut(len.max(1)).map(Mutex::new).collect();
+    let (n, threads) = (pieces.len(), pool_threads());
+    candle_core::utils::barrier_pool().execute(|tid| {
+        for (i, piece) in pieces
+            .iter()
+            .enumerate()
+            .take((tid + 1) * n / threads)
+            .skip(tid * n / threads)
+        {
+            f(i, &mut piece.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    });
 }
 
 /// Whether the AVX2 kernel can run on this CPU.
@@ -231,237 +288,204 @@ fn simd_available() -> bool {
 }
 
 /// Portable kernel: same arithmetic as the AVX2 one, summed in a different order.
-fn columns_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
     let rows = q8.rows;
-    let bytes = format.block_bytes();
-    for (col, ws) in out.chunks_exact_mut(rows).zip(w.chunks_exact(kb * bytes)) {
-        let mut acc = [0f32; MAX_ROWS];
-        for (b, blk) in ws.chunks_exact(bytes).enumerate() {
-            let d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-            for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                let i = b * rows + r;
-                let y = &q8.qs[i * QK..(i + 1) * QK];
-                *a += match format {
-                    Format::Q4_1 => {
-                        let m = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]));
-                        let sumi: i32 = (0..QK / 2)
-                            .map(|t| {
-                                let q = blk[4 + t];
-                                (q & 0x0F) as i32 * y[t] as i32 + (q >> 4) as i32 * y[t + 16] as i32
-                            })
-                            .sum();
-                        sumi as f32 * (d * q8.d[i]) + m * q8.s[b * MAX_ROWS + r]
-                    }
-                    Format::Q8_0 => {
-                        let sumi: i32 =
-                            (0..QK).map(|t| blk[2 + t] as i8 as i32 * y[t] as i32).sum();
-                        sumi as f32 * (d * q8.d[i])
-                    }
-                };
+    let bb = format.block_bytes();
+    let scale_bytes = bb - format.weight_bytes();
+    for (tile, ws) in out
+        .chunks_exact_mut(TILE * rows)
+        .zip(w.chunks_exact(TILE * kb * bb))
+    {
+        let mut acc = [[0f32; MAX_ROWS]; TILE];
+        for (b, blk) in ws.chunks_exact(TILE * bb).enumerate() {
+            let f16_at = |i: usize| f16_to_f32(u16::from_le_bytes([blk[i], blk[i + 1]]));
+            let weights = &blk[TILE * scale_bytes..];
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let d = f16_at(2 * c);
+                // Byte `e` of group `g` of this column.
+                let byte = |g: usize, e: usize| weights[(g * TILE + c) * 4 + e];
+                for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                    let i = b * rows + r;
+                    let y = &q8.qs[i * QK..(i + 1) * QK];
+                    *a += match format {
+                        Format::Q4_1 => {
+                            let sumi: i32 = (0..QK / 2)
+                                .map(|t| {
+                                    let q = byte(t / 4, t % 4);
+                                    (q & 0x0F) as i32 * y[t] as i32
+                                        + (q >> 4) as i32 * y[t + 16] as i32
+                                })
+                                .sum();
+                            let m = f16_at(2 * TILE + 2 * c);
+                            sumi as f32 * (d * q8.d[i]) + m * q8.s[b * MAX_ROWS + r]
+                        }
+                        Format::Q8_0 => {
+                            let sumi: i32 = (0..QK)
+                                .map(|t| byte(t / 4, t % 4) as i8 as i32 * y[t] as i32)
+                                .sum();
+                            sumi as f32 * (d * q8.d[i])
+                        }
+                    };
+                }
             }
         }
-        col.copy_from_slice(&acc[..rows]);
+        for (c, acc) in acc.iter().enumerate() {
+            tile[c * rows..(c + 1) * rows].copy_from_slice(&acc[..rows]);
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Format, Q8Rows, MAX_ROWS, QK};
+    use super::{Format, Q8Rows, MAX_ROWS, QK, TILE};
     use std::arch::x86_64::*;
 
-    /// Q4_1 block bytes.
-    const Q4_1_BYTES: usize = 20;
-    /// Q8_0 block bytes.
-    const Q8_0_BYTES: usize = 34;
-
-    /// AVX2 kernel for [`super::QuantMatrix::columns`].
+    /// AVX2 kernel for [`super::QuantMatrix::tiles`]: lane c of a vector is column c of
+    /// the tile.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn columns(
-        format: Format,
-        w: &[u8],
-        kb: usize,
-        q8: &Q8Rows,
-        out: &mut [f32],
-    ) {
-        match format {
-            Format::Q4_1 => by_rows::<Q41>(w, kb, q8, out),
-            Format::Q8_0 => by_rows::<Q80>(w, kb, q8, out),
+    pub(super) unsafe fn tiles(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        match (format, q8.rows) {
+            (Format::Q4_1, 1) => q4_1::<1>(w, kb, q8, out),
+            (Format::Q4_1, 2) => q4_1::<2>(w, kb, q8, out),
+            (Format::Q4_1, 3) => q4_1::<3>(w, kb, q8, out),
+            (Format::Q4_1, 4) => q4_1::<4>(w, kb, q8, out),
+            (Format::Q4_1, 5) => q4_1::<5>(w, kb, q8, out),
+            (Format::Q4_1, 6) => q4_1::<6>(w, kb, q8, out),
+            (Format::Q4_1, 7) => q4_1::<7>(w, kb, q8, out),
+            (Format::Q4_1, 8) => q4_1::<8>(w, kb, q8, out),
+            (Format::Q8_0, 1) => q8_0::<1>(w, kb, q8, out),
+            (Format::Q8_0, 2) => q8_0::<2>(w, kb, q8, out),
+            (Format::Q8_0, 3) => q8_0::<3>(w, kb, q8, out),
+            (Format::Q8_0, 4) => q8_0::<4>(w, kb, q8, out),
+            (Format::Q8_0, 5) => q8_0::<5>(w, kb, q8, out),
+            (Format::Q8_0, 6) => q8_0::<6>(w, kb, q8, out),
+            (Format::Q8_0, 7) => q8_0::<7>(w, kb, q8, out),
+            (Format::Q8_0, 8) => q8_0::<8>(w, kb, q8, out),
+            (_, r) => unreachable!("quantized kernel called with {r} rows"),
         }
     }
 
-    /// One block format: how a block of weights is dotted with one row's Q8 block.
-    trait Block {
-        /// Bytes per block.
-        const BYTES: usize;
-        /// Weights unpacked for the block's dot products.
-        type Unpacked: Copy;
-        /// Unpacks `blk`: the scale `d` broadcast, its minimum `m` (Q4_1; zero otherwise)
-        /// and the weights.
-        unsafe fn unpack(blk: &[u8]) -> (__m256, __m256, Self::Unpacked);
-        /// Eight lanes whose sum is `sum(w * y)` for the 32 weights and the 32 `y`.
-        unsafe fn dot(w: Self::Unpacked, y: __m256i) -> __m256i;
+    /// Interleaved Q4_1 bytes per block of a tile: 8 d, 8 m, 8 x 16 weight bytes.
+    const Q4_1_TILE_BLOCK: usize = 160;
+    /// Interleaved Q8_0 bytes per block of a tile: 8 d, 8 x 32 weights.
+    const Q8_0_TILE_BLOCK: usize = 272;
+
+    /// The 4 bytes of `y` from `at` broadcast to every 32-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn broadcast4(y: &[i8], at: usize) -> __m256i {
+        let b: [i8; 4] = [y[at], y[at + 1], y[at + 2], y[at + 3]];
+        _mm256_set1_epi32(i32::from_le_bytes(b.map(|v| v as u8)))
     }
 
-    struct Q41;
-    impl Block for Q41 {
-        const BYTES: usize = Q4_1_BYTES;
-        type Unpacked = __m256i;
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn unpack(blk: &[u8]) -> (__m256, __m256, __m256i) {
-            debug_assert!(blk.len() >= Q4_1_BYTES);
-            // SAFETY: `blk` holds one 20-byte block (the callers slice it so): a 4-byte
-            // read at 0 and a 16-byte read at 4 are in bounds.
-            unsafe {
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                    blk.as_ptr().cast::<i32>().read_unaligned(),
-                ));
-                let q = _mm_loadu_si128(blk.as_ptr().add(4).cast());
-                // Elements 0..16 are the low nibbles, 16..32 the high ones.
-                let nib = _mm256_and_si256(
-                    _mm256_set_m128i(_mm_srli_epi16(q, 4), q),
-                    _mm256_set1_epi8(0x0F),
-                );
-                (
-                    _mm256_broadcastss_ps(dm),
-                    _mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
-                    nib,
-                )
+    /// The 8 f16 at `at` of `blk` as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn f16x8(blk: &[u8], at: usize) -> __m256 {
+        let v = &blk[at..at + 16];
+        // SAFETY: `v` is 16 bytes, exactly one unaligned 128-bit load.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
+    }
+
+    /// The 32 bytes at `at` of `blk`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load32(blk: &[u8], at: usize) -> __m256i {
+        let v = &blk[at..at + 32];
+        // SAFETY: `v` is 32 bytes, exactly one unaligned 256-bit load.
+        unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
+    }
+
+    /// Writes the R accumulators (lane c: column c) to `tile` `[column][row]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn store<const R: usize>(acc: &[__m256; R], tile: &mut [f32]) {
+        for (r, a) in acc.iter().enumerate() {
+            let mut lanes = [0f32; TILE];
+            // SAFETY: `lanes` is 8 f32s, exactly one unaligned 256-bit store.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+            for (c, &v) in lanes.iter().enumerate() {
+                tile[c * R + r] = v;
             }
         }
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dot(nib: __m256i, y: __m256i) -> __m256i {
-            // u4 * i8 pairs fit i16 (at most 2 * 15 * 128): no saturation.
-            _mm256_madd_epi16(_mm256_maddubs_epi16(nib, y), _mm256_set1_epi16(1))
-        }
-    }
-
-    struct Q80;
-    impl Block for Q80 {
-        const BYTES: usize = Q8_0_BYTES;
-        /// `|w|` and the sign of `w`.
-        type Unpacked = (__m256i, __m256i);
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn unpack(blk: &[u8]) -> (__m256, __m256, (__m256i, __m256i)) {
-            debug_assert!(blk.len() >= Q8_0_BYTES);
-            // SAFETY: `blk` holds one 34-byte block: a 2-byte read at 0 and a 32-byte read
-            // at 2 are in bounds.
-            unsafe {
-                let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                    blk.as_ptr().cast::<u16>().read_unaligned() as i32,
-                ));
-                let q = _mm256_loadu_si256(blk.as_ptr().add(2).cast());
-                (
-                    _mm256_broadcastss_ps(d),
-                    _mm256_setzero_ps(),
-                    (_mm256_sign_epi8(q, q), q),
-                )
-            }
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dot((abs, sign): (__m256i, __m256i), y: __m256i) -> __m256i {
-            // maddubs wants unsigned * signed: |w| * (y with w's sign). GGUF Q8_0 weights lie
-            // in -127..=127, so the pair sums fit i16.
-            let p = _mm256_maddubs_epi16(abs, _mm256_sign_epi8(y, sign));
-            _mm256_madd_epi16(p, _mm256_set1_epi16(1))
-        }
-    }
-
-    /// Columns per tile: with few rows, several columns give the FMA chains enough
-    /// independent work to hide their latency; with many rows the rows already do.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn by_rows<B: Block>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
-        match q8.rows {
-            1 => tiled::<B, 1, 4>(w, kb, q8, out),
-            2 => tiled::<B, 2, 4>(w, kb, q8, out),
-            3 => tiled::<B, 3, 2>(w, kb, q8, out),
-            4 => tiled::<B, 4, 2>(w, kb, q8, out),
-            5 => tiled::<B, 5, 1>(w, kb, q8, out),
-            6 => tiled::<B, 6, 1>(w, kb, q8, out),
-            7 => tiled::<B, 7, 1>(w, kb, q8, out),
-            8 => tiled::<B, 8, 1>(w, kb, q8, out),
-            r => unreachable!("quantized kernel called with {r} rows"),
-        }
-    }
-
-    /// Tiles of `C` columns, then the leftover columns one at a time.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn tiled<B: Block, const R: usize, const C: usize>(
-        w: &[u8],
-        kb: usize,
-        q8: &Q8Rows,
-        out: &mut [f32],
-    ) {
-        let full = out.len() / R / C * C;
-        let (out_a, out_b) = out.split_at_mut(full * R);
-        let (w_a, w_b) = w.split_at(full * kb * B::BYTES);
-        columns_n::<B, R, C>(w_a, kb, q8, out_a);
-        columns_n::<B, R, 1>(w_b, kb, q8, out_b);
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn columns_n<B: Block, const R: usize, const C: usize>(
-        w: &[u8],
-        kb: usize,
-        q8: &Q8Rows,
-        out: &mut [f32],
-    ) {
-        debug_assert_eq!(q8.rows, R);
-        let qs8 = &q8.qs[..kb * R * QK];
-        let d8 = &q8.d[..kb * R];
-        let s8 = &q8.s[..kb * MAX_ROWS];
-        let col_bytes = kb * B::BYTES;
+    fn q4_1<const R: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        let low = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
         for (tile, ws) in out
-            .chunks_exact_mut(R * C)
-            .zip(w.chunks_exact(C * col_bytes))
+            .chunks_exact_mut(TILE * R)
+            .zip(w.chunks_exact(kb * Q4_1_TILE_BLOCK))
         {
-            let mut acc = [[_mm256_setzero_ps(); R]; C];
-            // Lane r: sum over blocks of m4 * s8[r] (Q4_1 only; m is zero otherwise).
-            let mut macc = [_mm256_setzero_ps(); C];
-            for b in 0..kb {
-                let ys = &qs8[b * R * QK..(b + 1) * R * QK];
-                let s = &s8[b * MAX_ROWS..(b + 1) * MAX_ROWS];
-                // SAFETY: `s` is MAX_ROWS = 8 f32s, exactly one unaligned 256-bit load.
-                let s = unsafe { _mm256_loadu_ps(s.as_ptr()) };
-                for c in 0..C {
-                    let off = c * col_bytes + b * B::BYTES;
-                    // SAFETY: the slice is exactly one block (the caller checked the CPU).
-                    let (d, m, wq) = unsafe { B::unpack(&ws[off..off + B::BYTES]) };
-                    macc[c] = _mm256_fmadd_ps(m, s, macc[c]);
-                    for r in 0..R {
-                        let y = &ys[r * QK..(r + 1) * QK];
-                        // SAFETY: `y` is 32 bytes, exactly one unaligned 256-bit load.
-                        let y = unsafe { _mm256_loadu_si256(y.as_ptr().cast()) };
-                        // SAFETY: this function's target features include the block's.
-                        let p = unsafe { B::dot(wq, y) };
-                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(d8[b * R + r]));
-                        acc[c][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[c][r]);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, blk) in ws.chunks_exact(Q4_1_TILE_BLOCK).enumerate() {
+                let d = f16x8(blk, 0);
+                let m = f16x8(blk, 16);
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for g in 0..4 {
+                    let q = load32(blk, 32 + 32 * g);
+                    lo[g] = _mm256_and_si256(q, low);
+                    hi[g] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let i = b * R + r;
+                    let y = &q8.qs[i * QK..(i + 1) * QK];
+                    // u4 * i8 pairs are at most 2 * 15 * 127 = 3810, and 8 of them
+                    // (30480) still fit i16: one widening per block.
+                    let mut s16 = _mm256_setzero_si256();
+                    for g in 0..4 {
+                        let l = _mm256_maddubs_epi16(lo[g], broadcast4(y, 4 * g));
+                        let h = _mm256_maddubs_epi16(hi[g], broadcast4(y, 16 + 4 * g));
+                        s16 = _mm256_add_epi16(s16, _mm256_add_epi16(l, h));
                     }
+                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(q8.d[i]));
+                    *acc = _mm256_fmadd_ps(s, scale, *acc);
+                    *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(q8.s[b * MAX_ROWS + r]), *acc);
                 }
             }
-            for c in 0..C {
-                let mut m = [0f32; MAX_ROWS];
-                // SAFETY: `m` is 8 f32s, exactly one unaligned 256-bit store.
-                unsafe { _mm256_storeu_ps(m.as_mut_ptr(), macc[c]) };
-                for r in 0..R {
-                    tile[c * R + r] = hsum(acc[c][r]) + m[r];
-                }
-            }
+            store(&acc, tile);
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+    fn q8_0<const R: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        let ones = _mm256_set1_epi16(1);
+        for (tile, ws) in out
+            .chunks_exact_mut(TILE * R)
+            .zip(w.chunks_exact(kb * Q8_0_TILE_BLOCK))
+        {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (b, blk) in ws.chunks_exact(Q8_0_TILE_BLOCK).enumerate() {
+                let d = f16x8(blk, 0);
+                let mut q = [_mm256_setzero_si256(); 8];
+                let mut abs = [_mm256_setzero_si256(); 8];
+                for g in 0..8 {
+                    q[g] = load32(blk, 16 + 32 * g);
+                    abs[g] = _mm256_sign_epi8(q[g], q[g]);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let i = b * R + r;
+                    let y = &q8.qs[i * QK..(i + 1) * QK];
+                    let mut s32 = _mm256_setzero_si256();
+                    for g in 0..8 {
+                        // maddubs wants unsigned * signed: |w| * (y with w's sign). GGUF
+                        // Q8_0 weights lie in -127..=127, so the pair sums fit i16.
+                        let sy = _mm256_sign_epi8(broadcast4(y, 4 * g), q[g]);
+                        let p = _mm256_maddubs_epi16(abs[g], sy);
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+                    }
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(q8.d[i]));
+                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, *acc);
+                }
+            }
+            store(&acc, tile);
+        }
     }
 }
 
@@ -580,8 +604,13 @@ pub(crate) mod tests {
         let a = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let b = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         assert!(QuantMatrix::from_qtensors(&[&a, &b]).is_none());
-        let m = QuantMatrix::from_qtensors(&[&a, &a]).unwrap();
-        assert_eq!((m.n(), m.k), (128, 64));
+        let (m, ranges) = QuantMatrix::from_qtensors(&[&a, &a]).unwrap();
+        assert_eq!((m.n, m.k, ranges), (128, 64, vec![0..64, 64..128]));
+        // Parts are padded to whole tiles.
+        let w = Tensor::from_vec(lcg(2, 9 * 64), (9, 64), &Device::Cpu).unwrap();
+        let nine = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let (m, ranges) = QuantMatrix::from_qtensors(&[&nine, &nine]).unwrap();
+        assert_eq!((m.n, ranges), (32, vec![0..9, 16..25]));
         let w = Tensor::from_vec(lcg(1, 64 * 96), (64, 96), &Device::Cpu).unwrap();
         let c = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         assert!(QuantMatrix::from_qtensors(&[&a, &c]).is_none());
@@ -590,11 +619,11 @@ pub(crate) mod tests {
     #[test]
     fn matches_dequantized_and_candle() {
         for dtype in FORMATS {
-            for &(n, k) in &[(64, 64), (1536, 576), (576, 1536)] {
+            for &(n, k) in &[(64, 64), (9, 64), (1536, 576), (576, 1536)] {
                 let q = quantized(n, k, (n * 31 + k) as u64, dtype);
                 let w = q.dequantize(&Device::Cpu).unwrap();
                 let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-                let m = QuantMatrix::from_qtensors(&[&q]).unwrap();
+                let (m, _) = QuantMatrix::from_qtensors(&[&q]).unwrap();
                 let qmm =
                     QMatMul::from_qtensor(quantized(n, k, (n * 31 + k) as u64, dtype)).unwrap();
                 for &rows in &[1usize, 2, 3, 8, 11] {
@@ -661,7 +690,7 @@ pub(crate) mod tests {
         }
         for dtype in FORMATS {
             for &(n, k) in &[(64, 64), (67, 96), (96, 1536)] {
-                let m = QuantMatrix::from_qtensors(&[&quantized(n, k, 99, dtype)]).unwrap();
+                let (m, _) = QuantMatrix::from_qtensors(&[&quantized(n, k, 99, dtype)]).unwrap();
                 for rows in 1..=9 {
                     let x = lcg(rows as u64, rows * k);
                     let a = m.matmul_with(&x, rows, 0..n, true, false);
@@ -700,7 +729,7 @@ pub(crate) mod tests {
         ];
         for (dtype, n, k) in shapes {
             let q = quantized(n, k, 5, dtype);
-            let m = QuantMatrix::from_qtensors(&[&q]).unwrap();
+            let (m, _) = QuantMatrix::from_qtensors(&[&q]).unwrap();
             let qmm = QMatMul::from_qtensor(q).unwrap();
             let iters = (200_000_000 / (n * k)).max(5);
             for rows in [1usize, 2, 3, 8] {

@@ -841,19 +841,12 @@ struct FastColumns {
 
 impl Matrix {
     fn new(candle: QMatMul) -> Self {
-        let kernel = match &candle {
-            QMatMul::QTensor(t) => QuantMatrix::from_qtensors(&[t]),
-            _ => None,
-        };
-        let fast = kernel.map(|k| FastColumns {
-            cols: 0..k.n(),
-            kernel: Arc::new(k),
-        });
-        Self { candle, fast }
+        let [matrix] = Self::stacked([candle]);
+        matrix
     }
 
     /// The matrices of `parts`, sharing one kernel matrix when all are quantized in one
-    /// supported format with one row length; each on its own otherwise.
+    /// supported format with one row length; without a kernel otherwise.
     fn stacked<const N: usize>(parts: [QMatMul; N]) -> [Self; N] {
         let qtensors: Option<Vec<&QTensor>> = parts
             .iter()
@@ -863,24 +856,18 @@ impl Matrix {
             })
             .collect();
         let kernel = qtensors.and_then(|ts| QuantMatrix::from_qtensors(&ts));
-        let Some(kernel) = kernel.map(Arc::new) else {
-            return parts.map(Self::new);
+        let Some((kernel, ranges)) = kernel else {
+            return parts.map(|candle| Self { candle, fast: None });
         };
-        let mut start = 0;
-        parts.map(|candle| {
-            // WeightSource::matrix checked that every matrix is 2-D.
-            let rows = match &candle {
-                QMatMul::QTensor(t) => t.shape().dims()[0],
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims()[0],
-            };
-            start += rows;
-            Self {
-                candle,
-                fast: Some(FastColumns {
-                    kernel: kernel.clone(),
-                    cols: start - rows..start,
-                }),
-            }
+        let kernel = Arc::new(kernel);
+        let mut ranges = ranges.into_iter();
+        parts.map(|candle| Self {
+            candle,
+            // from_qtensors gives one range per part.
+            fast: ranges.next().map(|cols| FastColumns {
+                kernel: kernel.clone(),
+                cols,
+            }),
         })
     }
 

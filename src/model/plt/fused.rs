@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 
+use crate::model::kernels::parallel_pieces;
+
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
 
 use super::{Matrix, PltGate, PltModel};
@@ -128,55 +130,42 @@ pub(super) fn decode_step(
             write_heads(&cache.ring_v[li], &v[kw..], w1, pos % w1, hd)?;
         }
 
+        let gates = match loops {
+            1 => Vec::new(),
+            _ => gate(layer, lw, &h[d..], &q[qw..], loops - 1, hd, eps)?,
+        };
         let mut attn = vec![0f32; loops * qw];
         {
             let (k0, k0_layout) = cache.k0[li].storage_and_layout();
             let (v0, v0_layout) = cache.v0[li].storage_and_layout();
             let (k0, v0) = (cpu_f32(&k0, k0_layout)?, cpu_f32(&v0, v0_layout)?);
-            for g in 0..kv_heads {
+            // Loops >= 1 only; at one loop the rings are empty and never read.
+            let rings = cache.ring_k.get(li).zip(cache.ring_v.get(li));
+            let rings = rings.map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()));
+            let (rk, rv) = match &rings {
+                Some(((k, kl), (v, vl))) => (cpu_f32(k, kl)?, cpu_f32(v, vl)?),
+                None => (&[][..], &[][..]),
+            };
+            // One task per (row, head): the output head `t` of `[loops, heads, hd]`.
+            parallel_pieces(&mut attn, hd, |t, out| {
+                let (r, head) = (t / heads, t % heads);
+                let g = head / group;
+                let q = &q[t * hd..(t + 1) * hd];
                 let span = g * cap * hd..(g * cap + pos + 1) * hd;
-                let heads_of =
-                    |r: usize| (r * heads + g * group) * hd..(r * heads + (g + 1) * group) * hd;
-                let qs: Vec<&[f32]> = (0..loops)
-                    .flat_map(|r| q[heads_of(r)].chunks_exact(hd))
-                    .collect();
-                let out = attend(&qs, &k0[span.clone()], &v0[span], hd, scale, None);
-                for (r, o) in out.chunks_exact(group * hd).enumerate() {
-                    attn[heads_of(r)].copy_from_slice(o);
-                }
-            }
-        }
-        if loops > 1 {
-            let gates = gate(layer, lw, &h[d..], &q[qw..], loops - 1, hd, eps)?;
-            let (rk, rk_layout) = cache.ring_k[li].storage_and_layout();
-            let (rv, rv_layout) = cache.ring_v[li].storage_and_layout();
-            let (rk, rv) = (cpu_f32(&rk, rk_layout)?, cpu_f32(&rv, rv_layout)?);
-            for r in 1..loops {
-                for g in 0..kv_heads {
-                    let ring =
-                        ((r - 1) * kv_heads + g) * w1 * hd..((r - 1) * kv_heads + g + 1) * w1 * hd;
-                    let first = r * heads + g * group;
-                    let qs: Vec<&[f32]> = q[first * hd..(first + group) * hd]
-                        .chunks_exact(hd)
-                        .collect();
-                    let local = attend(
-                        &qs,
-                        &rk[ring.clone()],
-                        &rv[ring],
-                        hd,
-                        scale,
-                        Some(&ring_valid),
-                    );
-                    for (j, loc) in local.chunks_exact(hd).enumerate() {
-                        let gh = gates[(r - 1) * heads + g * group + j];
-                        let out = &mut attn[(first + j) * hd..(first + j + 1) * hd];
-                        // Per head `g * global + (1 - g) * local`, as `mix` computes it.
-                        for (o, &l) in out.iter_mut().zip(loc) {
-                            *o = l + (*o - l) * gh;
-                        }
+                attend(q, &k0[span.clone()], &v0[span], scale, None, out);
+                if r > 0 {
+                    let ring = ((r - 1) * kv_heads + g) * w1 * hd..;
+                    let ring = ring.start..ring.start + w1 * hd;
+                    let mut local = vec![0f32; hd];
+                    let valid = Some(&ring_valid[..]);
+                    attend(q, &rk[ring.clone()], &rv[ring], scale, valid, &mut local);
+                    let gh = gates[(r - 1) * heads + head];
+                    // Per head `g * global + (1 - g) * local`, as `mix` computes it.
+                    for (o, &l) in out.iter_mut().zip(&local) {
+                        *o = l + (*o - l) * gh;
                     }
                 }
-            }
+            });
         }
 
         add_assign(&mut h, &project(&[&layer.o_proj], &attn, loops)?);
@@ -297,48 +286,44 @@ fn add_rows(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Softmax attention of each query of `qs` over the `[keys, hd]` rows of `k` and `v`,
-/// leaving out keys whose `valid` entry is false; returns `[qs.len(), hd]`.
-fn attend(
-    qs: &[&[f32]],
-    k: &[f32],
-    v: &[f32],
-    hd: usize,
-    scale: f32,
-    valid: Option<&[bool]>,
-) -> Vec<f32> {
-    let keys = k.len() / hd;
-    let mut scores = vec![f32::NEG_INFINITY; qs.len() * keys];
-    // Key-major, so each key row is read once for all the queries.
-    for (j, kr) in k.chunks_exact(hd).enumerate() {
-        if valid.is_some_and(|m| !m[j]) {
-            continue;
-        }
-        for (i, q) in qs.iter().enumerate() {
-            scores[i * keys + j] = dot(q, kr) * scale;
+/// Softmax attention of query `q` over the `[keys, hd]` rows of `k` and `v`, leaving out
+/// keys whose `valid` entry is false, written to `out`.
+fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, valid: Option<&[bool]>, out: &mut [f32]) {
+    let hd = q.len();
+    let mut p: Vec<f32> = k
+        .chunks_exact(hd)
+        .enumerate()
+        .map(|(j, kr)| match valid {
+            Some(m) if !m[j] => f32::NEG_INFINITY,
+            _ => dot(q, kr) * scale,
+        })
+        .collect();
+    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in p.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    for s in p.iter_mut() {
+        *s /= sum;
+    }
+    out.fill(0.0);
+    // Four keys a pass: a quarter of the loads and stores of `out`.
+    let (p4, v4) = (p.chunks_exact(4), v.chunks_exact(4 * hd));
+    for (&pj, vr) in p4.remainder().iter().zip(v4.remainder().chunks_exact(hd)) {
+        for (o, &x) in out.iter_mut().zip(vr) {
+            *o += pj * x;
         }
     }
-    for row in scores.chunks_exact_mut(keys) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        for s in row.iter_mut() {
-            *s /= sum;
+    for (pj, vr) in p4.zip(v4) {
+        let (a, rest) = vr.split_at(hd);
+        let (b, rest) = rest.split_at(hd);
+        let (c, e) = rest.split_at(hd);
+        let rows = a.iter().zip(b).zip(c.iter().zip(e));
+        for (o, ((&a, &b), (&c, &e))) in out.iter_mut().zip(rows) {
+            *o += pj[0] * a + pj[1] * b + pj[2] * c + pj[3] * e;
         }
     }
-    let mut out = vec![0f32; qs.len() * hd];
-    for (j, vr) in v.chunks_exact(hd).enumerate() {
-        for (i, o) in out.chunks_exact_mut(hd).enumerate() {
-            let p = scores[i * keys + j];
-            for (o, &x) in o.iter_mut().zip(vr) {
-                *o += p * x;
-            }
-        }
-    }
-    out
 }
 
 /// `a . b` with 16 partial sums, so that it vectorizes.
