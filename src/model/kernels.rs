@@ -182,7 +182,7 @@ impl QuantMatrix {
     /// `y[r][j - cols.start] = sum_i x[r][i] * w[j][i]` for `j` in `cols`: `x` is
     /// `rows * k` f32 (row-major), returns `rows * cols.len()` f32 (row-major).
     pub(crate) fn matmul(&self, x: &[f32], rows: usize, cols: Range<usize>) -> Vec<f32> {
-        self.matmul_with(x, rows, cols, simd_available(), true)
+        self.matmul_with(x, rows, cols, best_isa(), true)
     }
 
     /// [`Self::matmul`] with the kernel and whether to use the pool chosen by the caller.
@@ -191,7 +191,7 @@ impl QuantMatrix {
         x: &[f32],
         rows: usize,
         cols: Range<usize>,
-        simd: bool,
+        isa: Isa,
         parallel: bool,
     ) -> Vec<f32> {
         let k = self.k;
@@ -216,10 +216,10 @@ impl QuantMatrix {
             if parallel && threads > 1 && n * k * g >= PARALLEL_MIN_WORK {
                 let per = tiles.div_ceil(threads);
                 parallel_pieces(&mut out, per * TILE * g, |i, piece| {
-                    self.tiles(&q8, first_tile + i * per, piece, simd);
+                    self.tiles(&q8, first_tile + i * per, piece, isa);
                 });
             } else {
-                self.tiles(&q8, first_tile, &mut out, simd);
+                self.tiles(&q8, first_tile, &mut out, isa);
             }
             for (j, col) in out.chunks_exact(g).skip(skip).take(n).enumerate() {
                 for (r, &v) in col.iter().enumerate() {
@@ -232,19 +232,18 @@ impl QuantMatrix {
     }
 
     /// Outputs for tiles `t0 ..` (as many as `out` holds), written `[column][row]`.
-    fn tiles(&self, q8: &Q8Rows, t0: usize, out: &mut [f32], simd: bool) {
+    fn tiles(&self, q8: &Q8Rows, t0: usize, out: &mut [f32], isa: Isa) {
         let kb = self.k / QK;
         let tile_bytes = TILE * kb * self.format.block_bytes();
         let count = out.len() / (TILE * q8.rows);
         let w = &self.data[t0 * tile_bytes..(t0 + count) * tile_bytes];
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is only true when `simd_available()` found AVX2, FMA and F16C
-            // on this CPU (the tests pass it after checking the same).
-            unsafe { avx2::tiles(self.format, w, kb, q8, out) };
+        if isa != Isa::Scalar {
+            // SAFETY: `isa` is `best_isa()` or below it (the tests pass only those), so
+            // this CPU has its features.
+            unsafe { avx2::tiles(isa, self.format, w, kb, q8, out) };
             return;
         }
-        let _ = simd;
         tiles_scalar(self.format, w, kb, q8, out);
     }
 }
@@ -273,21 +272,42 @@ pub(crate) fn parallel_pieces(out: &mut [f32], len: usize, f: impl Fn(usize, &mu
     });
 }
 
-/// Whether the AVX2 kernel can run on this CPU.
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// The kernels' instruction sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// Portable Rust.
+    Scalar,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// The AVX2 kernel with AVX512-VNNI's `vpdpbusd` for the integer dot products.
+    Vnni,
 }
 
-/// Portable kernel: same arithmetic as the AVX2 one, summed in a different order.
+/// The best kernel this CPU runs (detected once).
+fn best_isa() -> Isa {
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let vnni =
+                is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+            match (avx2, vnni) {
+                (true, true) => Isa::Vnni,
+                (true, false) => Isa::Avx2,
+                _ => Isa::Scalar,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Isa::Scalar
+        }
+    })
+}
+
+/// Portable kernel: same arithmetic as the SIMD ones, summed in a different order.
 fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
     let rows = q8.rows;
     let bb = format.block_bytes();
@@ -337,33 +357,129 @@ fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Format, Q8Rows, MAX_ROWS, QK, TILE};
+    use super::{Format, Isa, Q8Rows, MAX_ROWS, QK, TILE};
     use std::arch::x86_64::*;
 
-    /// AVX2 kernel for [`super::QuantMatrix::tiles`]: lane c of a vector is column c of
+    /// SIMD kernel for [`super::QuantMatrix::tiles`]: lane c of a vector is column c of
     /// the tile.
     ///
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
+    /// The CPU must support AVX2, FMA and F16C, and for [`Isa::Vnni`] also AVX512-VNNI
+    /// and AVX512VL.
+    pub(super) unsafe fn tiles(
+        isa: Isa,
+        format: Format,
+        w: &[u8],
+        kb: usize,
+        q8: &Q8Rows,
+        out: &mut [f32],
+    ) {
+        // SAFETY: the caller checked the CPU features of `isa`.
+        unsafe {
+            match isa {
+                Isa::Vnni => tiles_vnni(format, w, kb, q8, out),
+                _ => tiles_avx2(format, w, kb, q8, out),
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tiles(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+    fn tiles_avx2(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        by_rows::<Avx2>(format, w, kb, q8, out);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    fn tiles_vnni(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        by_rows::<Vnni>(format, w, kb, q8, out);
+    }
+
+    /// The integer dot products of one block, per instruction set: lane c of the result
+    /// is `sum(w * y)` over the 32 weights of column c.
+    trait BlockSums {
+        /// Q4_1: `lo[g]` / `hi[g]` hold weights `4g..` / `16+4g..` of each column.
+        unsafe fn q4_1(lo: &[__m256i; 4], hi: &[__m256i; 4], y: &[i8]) -> __m256i;
+        /// Q8_0: `q[g]` holds weights `4g..` of each column, `abs[g]` their magnitudes.
+        unsafe fn q8_0(q: &[__m256i; 8], abs: &[__m256i; 8], y: &[i8]) -> __m256i;
+    }
+
+    struct Avx2;
+    impl BlockSums for Avx2 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn q4_1(lo: &[__m256i; 4], hi: &[__m256i; 4], y: &[i8]) -> __m256i {
+            // u4 * i8 pairs are at most 2 * 15 * 127 = 3810, and 8 of them (30480) still
+            // fit i16: one widening per block.
+            let mut s16 = _mm256_setzero_si256();
+            for g in 0..4 {
+                let l = _mm256_maddubs_epi16(lo[g], broadcast4(y, 4 * g));
+                let h = _mm256_maddubs_epi16(hi[g], broadcast4(y, 16 + 4 * g));
+                s16 = _mm256_add_epi16(s16, _mm256_add_epi16(l, h));
+            }
+            _mm256_madd_epi16(s16, _mm256_set1_epi16(1))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn q8_0(q: &[__m256i; 8], abs: &[__m256i; 8], y: &[i8]) -> __m256i {
+            let mut s32 = _mm256_setzero_si256();
+            for g in 0..8 {
+                // maddubs wants unsigned * signed: |w| * (y with w's sign). GGUF Q8_0
+                // weights lie in -127..=127, so the pair sums fit i16.
+                let sy = _mm256_sign_epi8(broadcast4(y, 4 * g), q[g]);
+                let p = _mm256_maddubs_epi16(abs[g], sy);
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+            }
+            s32
+        }
+    }
+
+    /// `vpdpbusd` sums four u8 * i8 products into each i32 lane in one instruction.
+    struct Vnni;
+    impl BlockSums for Vnni {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        unsafe fn q4_1(lo: &[__m256i; 4], hi: &[__m256i; 4], y: &[i8]) -> __m256i {
+            let mut s = _mm256_setzero_si256();
+            for g in 0..4 {
+                s = _mm256_dpbusd_epi32(s, lo[g], broadcast4(y, 4 * g));
+                s = _mm256_dpbusd_epi32(s, hi[g], broadcast4(y, 16 + 4 * g));
+            }
+            s
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        unsafe fn q8_0(q: &[__m256i; 8], abs: &[__m256i; 8], y: &[i8]) -> __m256i {
+            let mut s = _mm256_setzero_si256();
+            for g in 0..8 {
+                let sy = _mm256_sign_epi8(broadcast4(y, 4 * g), q[g]);
+                s = _mm256_dpbusd_epi32(s, abs[g], sy);
+            }
+            s
+        }
+    }
+
+    /// Instantiates the kernels for 1..=MAX_ROWS rows; inlined into each instruction
+    /// set's entry point so that it is compiled with that set's features.
+    #[inline(always)]
+    fn by_rows<S: BlockSums>(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
         match (format, q8.rows) {
-            (Format::Q4_1, 1) => q4_1::<1>(w, kb, q8, out),
-            (Format::Q4_1, 2) => q4_1::<2>(w, kb, q8, out),
-            (Format::Q4_1, 3) => q4_1::<3>(w, kb, q8, out),
-            (Format::Q4_1, 4) => q4_1::<4>(w, kb, q8, out),
-            (Format::Q4_1, 5) => q4_1::<5>(w, kb, q8, out),
-            (Format::Q4_1, 6) => q4_1::<6>(w, kb, q8, out),
-            (Format::Q4_1, 7) => q4_1::<7>(w, kb, q8, out),
-            (Format::Q4_1, 8) => q4_1::<8>(w, kb, q8, out),
-            (Format::Q8_0, 1) => q8_0::<1>(w, kb, q8, out),
-            (Format::Q8_0, 2) => q8_0::<2>(w, kb, q8, out),
-            (Format::Q8_0, 3) => q8_0::<3>(w, kb, q8, out),
-            (Format::Q8_0, 4) => q8_0::<4>(w, kb, q8, out),
-            (Format::Q8_0, 5) => q8_0::<5>(w, kb, q8, out),
-            (Format::Q8_0, 6) => q8_0::<6>(w, kb, q8, out),
-            (Format::Q8_0, 7) => q8_0::<7>(w, kb, q8, out),
-            (Format::Q8_0, 8) => q8_0::<8>(w, kb, q8, out),
+            (Format::Q4_1, 1) => q4_1::<S, 1>(w, kb, q8, out),
+            (Format::Q4_1, 2) => q4_1::<S, 2>(w, kb, q8, out),
+            (Format::Q4_1, 3) => q4_1::<S, 3>(w, kb, q8, out),
+            (Format::Q4_1, 4) => q4_1::<S, 4>(w, kb, q8, out),
+            (Format::Q4_1, 5) => q4_1::<S, 5>(w, kb, q8, out),
+            (Format::Q4_1, 6) => q4_1::<S, 6>(w, kb, q8, out),
+            (Format::Q4_1, 7) => q4_1::<S, 7>(w, kb, q8, out),
+            (Format::Q4_1, 8) => q4_1::<S, 8>(w, kb, q8, out),
+            (Format::Q8_0, 1) => q8_0::<S, 1>(w, kb, q8, out),
+            (Format::Q8_0, 2) => q8_0::<S, 2>(w, kb, q8, out),
+            (Format::Q8_0, 3) => q8_0::<S, 3>(w, kb, q8, out),
+            (Format::Q8_0, 4) => q8_0::<S, 4>(w, kb, q8, out),
+            (Format::Q8_0, 5) => q8_0::<S, 5>(w, kb, q8, out),
+            (Format::Q8_0, 6) => q8_0::<S, 6>(w, kb, q8, out),
+            (Format::Q8_0, 7) => q8_0::<S, 7>(w, kb, q8, out),
+            (Format::Q8_0, 8) => q8_0::<S, 8>(w, kb, q8, out),
             (_, r) => unreachable!("quantized kernel called with {r} rows"),
         }
     }
@@ -374,25 +490,24 @@ mod avx2 {
     const Q8_0_TILE_BLOCK: usize = 272;
 
     /// The 4 bytes of `y` from `at` broadcast to every 32-bit lane.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     fn broadcast4(y: &[i8], at: usize) -> __m256i {
         let b: [i8; 4] = [y[at], y[at + 1], y[at + 2], y[at + 3]];
-        _mm256_set1_epi32(i32::from_le_bytes(b.map(|v| v as u8)))
+        // SAFETY: only reached from functions compiled with AVX (all of this module's).
+        unsafe { _mm256_set1_epi32(i32::from_le_bytes(b.map(|v| v as u8))) }
     }
 
     /// The 8 f16 at `at` of `blk` as f32.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     fn f16x8(blk: &[u8], at: usize) -> __m256 {
         let v = &blk[at..at + 16];
-        // SAFETY: `v` is 16 bytes, exactly one unaligned 128-bit load.
-        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
+        // SAFETY: `v` is 16 bytes, exactly one unaligned 128-bit load; only reached from
+        // functions compiled with F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().cast())) }
     }
 
     /// The 32 bytes at `at` of `blk`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     fn load32(blk: &[u8], at: usize) -> __m256i {
         let v = &blk[at..at + 32];
         // SAFETY: `v` is 32 bytes, exactly one unaligned 256-bit load.
@@ -400,8 +515,7 @@ mod avx2 {
     }
 
     /// Writes the R accumulators (lane c: column c) to `tile` `[column][row]`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     fn store<const R: usize>(acc: &[__m256; R], tile: &mut [f32]) {
         for (r, a) in acc.iter().enumerate() {
             let mut lanes = [0f32; TILE];
@@ -413,78 +527,66 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn q4_1<const R: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        for (tile, ws) in out
-            .chunks_exact_mut(TILE * R)
-            .zip(w.chunks_exact(kb * Q4_1_TILE_BLOCK))
-        {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for (b, blk) in ws.chunks_exact(Q4_1_TILE_BLOCK).enumerate() {
-                let d = f16x8(blk, 0);
-                let m = f16x8(blk, 16);
-                let mut lo = [_mm256_setzero_si256(); 4];
-                let mut hi = [_mm256_setzero_si256(); 4];
-                for g in 0..4 {
-                    let q = load32(blk, 32 + 32 * g);
-                    lo[g] = _mm256_and_si256(q, low);
-                    hi[g] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let i = b * R + r;
-                    let y = &q8.qs[i * QK..(i + 1) * QK];
-                    // u4 * i8 pairs are at most 2 * 15 * 127 = 3810, and 8 of them
-                    // (30480) still fit i16: one widening per block.
-                    let mut s16 = _mm256_setzero_si256();
+    #[inline(always)]
+    fn q4_1<S: BlockSums, const R: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        // SAFETY (all intrinsics below): inlined only into the entry points, compiled
+        // with AVX2, FMA, F16C and S's features, which the caller checked.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            for (tile, ws) in out
+                .chunks_exact_mut(TILE * R)
+                .zip(w.chunks_exact(kb * Q4_1_TILE_BLOCK))
+            {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for (b, blk) in ws.chunks_exact(Q4_1_TILE_BLOCK).enumerate() {
+                    let d = f16x8(blk, 0);
+                    let m = f16x8(blk, 16);
+                    let mut lo = [_mm256_setzero_si256(); 4];
+                    let mut hi = [_mm256_setzero_si256(); 4];
                     for g in 0..4 {
-                        let l = _mm256_maddubs_epi16(lo[g], broadcast4(y, 4 * g));
-                        let h = _mm256_maddubs_epi16(hi[g], broadcast4(y, 16 + 4 * g));
-                        s16 = _mm256_add_epi16(s16, _mm256_add_epi16(l, h));
+                        let q = load32(blk, 32 + 32 * g);
+                        lo[g] = _mm256_and_si256(q, low);
+                        hi[g] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
                     }
-                    let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(q8.d[i]));
-                    *acc = _mm256_fmadd_ps(s, scale, *acc);
-                    *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(q8.s[b * MAX_ROWS + r]), *acc);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let i = b * R + r;
+                        let s = S::q4_1(&lo, &hi, &q8.qs[i * QK..(i + 1) * QK]);
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(q8.d[i]));
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *acc);
+                        *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(q8.s[b * MAX_ROWS + r]), *acc);
+                    }
                 }
+                store(&acc, tile);
             }
-            store(&acc, tile);
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn q8_0<const R: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
-        let ones = _mm256_set1_epi16(1);
-        for (tile, ws) in out
-            .chunks_exact_mut(TILE * R)
-            .zip(w.chunks_exact(kb * Q8_0_TILE_BLOCK))
-        {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for (b, blk) in ws.chunks_exact(Q8_0_TILE_BLOCK).enumerate() {
-                let d = f16x8(blk, 0);
-                let mut q = [_mm256_setzero_si256(); 8];
-                let mut abs = [_mm256_setzero_si256(); 8];
-                for g in 0..8 {
-                    q[g] = load32(blk, 16 + 32 * g);
-                    abs[g] = _mm256_sign_epi8(q[g], q[g]);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let i = b * R + r;
-                    let y = &q8.qs[i * QK..(i + 1) * QK];
-                    let mut s32 = _mm256_setzero_si256();
+    #[inline(always)]
+    fn q8_0<S: BlockSums, const R: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        // SAFETY (all intrinsics below): as in `q4_1`.
+        unsafe {
+            for (tile, ws) in out
+                .chunks_exact_mut(TILE * R)
+                .zip(w.chunks_exact(kb * Q8_0_TILE_BLOCK))
+            {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for (b, blk) in ws.chunks_exact(Q8_0_TILE_BLOCK).enumerate() {
+                    let d = f16x8(blk, 0);
+                    let mut q = [_mm256_setzero_si256(); 8];
+                    let mut abs = [_mm256_setzero_si256(); 8];
                     for g in 0..8 {
-                        // maddubs wants unsigned * signed: |w| * (y with w's sign). GGUF
-                        // Q8_0 weights lie in -127..=127, so the pair sums fit i16.
-                        let sy = _mm256_sign_epi8(broadcast4(y, 4 * g), q[g]);
-                        let p = _mm256_maddubs_epi16(abs[g], sy);
-                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+                        q[g] = load32(blk, 16 + 32 * g);
+                        abs[g] = _mm256_sign_epi8(q[g], q[g]);
                     }
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(q8.d[i]));
-                    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), scale, *acc);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let i = b * R + r;
+                        let s = S::q8_0(&q, &abs, &q8.qs[i * QK..(i + 1) * QK]);
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(q8.d[i]));
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *acc);
+                    }
                 }
+                store(&acc, tile);
             }
-            store(&acc, tile);
         }
     }
 }
@@ -648,8 +750,7 @@ pub(crate) mod tests {
                     );
 
                     // The pool's split gives the same numbers as one thread.
-                    let simd = simd_available();
-                    assert_eq!(y, m.matmul_with(&x, rows, 0..n, simd, false));
+                    assert_eq!(y, m.matmul_with(&x, rows, 0..n, best_isa(), false));
 
                     // A column range is that slice of every row.
                     let cols = n / 4..n / 2 + 3;
@@ -683,24 +784,31 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn scalar_matches_simd() {
-        if !simd_available() {
-            eprintln!("no AVX2/FMA/F16C: SIMD kernel not tested");
-            return;
+    fn every_instruction_set_matches_the_scalar_kernel() {
+        let isas = match best_isa() {
+            Isa::Scalar => vec![],
+            Isa::Avx2 => vec![Isa::Avx2],
+            Isa::Vnni => vec![Isa::Avx2, Isa::Vnni],
+        };
+        if isas.is_empty() {
+            eprintln!("no AVX2/FMA/F16C: SIMD kernels not tested");
         }
-        for dtype in FORMATS {
-            for &(n, k) in &[(64, 64), (67, 96), (96, 1536)] {
-                let (m, _) = QuantMatrix::from_qtensors(&[&quantized(n, k, 99, dtype)]).unwrap();
-                for rows in 1..=9 {
-                    let x = lcg(rows as u64, rows * k);
-                    let a = m.matmul_with(&x, rows, 0..n, true, false);
-                    let b = m.matmul_with(&x, rows, 0..n, false, false);
-                    let scale = rms(&b);
-                    let err = max_abs_diff(&a, &b);
-                    assert!(
-                        err < 1e-5 * scale,
-                        "{dtype:?} n={n} k={k} rows={rows}: {err}"
-                    );
+        for isa in isas {
+            for dtype in FORMATS {
+                for &(n, k) in &[(64, 64), (67, 96), (96, 1536)] {
+                    let (m, _) =
+                        QuantMatrix::from_qtensors(&[&quantized(n, k, 99, dtype)]).unwrap();
+                    for rows in 1..=9 {
+                        let x = lcg(rows as u64, rows * k);
+                        let a = m.matmul_with(&x, rows, 0..n, isa, false);
+                        let b = m.matmul_with(&x, rows, 0..n, Isa::Scalar, false);
+                        let scale = rms(&b);
+                        let err = max_abs_diff(&a, &b);
+                        assert!(
+                            err < 1e-5 * scale,
+                            "{isa:?} {dtype:?} n={n} k={k} rows={rows}: {err}"
+                        );
+                    }
                 }
             }
         }
@@ -735,19 +843,22 @@ pub(crate) mod tests {
             for rows in [1usize, 2, 3, 8] {
                 let x = lcg(rows as u64, rows * k);
                 let xt = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap();
-                let simd = simd_available();
+                let isa = best_isa();
+                let avx2 = time(iters, || {
+                    std::hint::black_box(m.matmul_with(&x, rows, 0..n, Isa::Avx2, false));
+                });
                 let single = time(iters, || {
-                    std::hint::black_box(m.matmul_with(&x, rows, 0..n, simd, false));
+                    std::hint::black_box(m.matmul_with(&x, rows, 0..n, isa, false));
                 });
                 let pooled = time(iters, || {
-                    std::hint::black_box(m.matmul_with(&x, rows, 0..n, simd, true));
+                    std::hint::black_box(m.matmul_with(&x, rows, 0..n, isa, true));
                 });
                 let candle = time(iters.div_ceil(4), || {
                     std::hint::black_box(qmm.forward(&xt).unwrap());
                 });
                 println!(
-                    "{dtype:?} {n}x{k} rows={rows}: 1 thread {single:.0} ns, pool {pooled:.0} ns, \
-                     candle QMatMul {candle:.0} ns"
+                    "{dtype:?} {n}x{k} rows={rows}: AVX2 1 thread {avx2:.0} ns, {isa:?} 1 thread \
+                     {single:.0} ns, pool {pooled:.0} ns, candle QMatMul {candle:.0} ns"
                 );
             }
         }
