@@ -134,7 +134,9 @@ pub(super) fn decode_step(
             1 => Vec::new(),
             _ => gate(layer, lw, &h[d..], &q[qw..], loops - 1, hd, eps)?,
         };
-        let mut attn = vec![0f32; loops * qw];
+        // Head-major `[heads, loops, hd]`: a thread's run of tasks covers every loop of its
+        // heads, so each loop after the first finds the head's K/V in its core's cache.
+        let mut by_head = vec![0f32; loops * qw];
         {
             let (k0, k0_layout) = cache.k0[li].storage_and_layout();
             let (v0, v0_layout) = cache.v0[li].storage_and_layout();
@@ -146,11 +148,11 @@ pub(super) fn decode_step(
                 Some(((k, kl), (v, vl))) => (cpu_f32(k, kl)?, cpu_f32(v, vl)?),
                 None => (&[][..], &[][..]),
             };
-            // One task per (row, head): the output head `t` of `[loops, heads, hd]`.
-            parallel_pieces(&mut attn, hd, |t, out| {
-                let (r, head) = (t / heads, t % heads);
+            // One task per (head, row).
+            parallel_pieces(&mut by_head, hd, |t, out| {
+                let (head, r) = (t / loops, t % loops);
                 let g = head / group;
-                let q = &q[t * hd..(t + 1) * hd];
+                let q = &q[(r * heads + head) * hd..(r * heads + head + 1) * hd];
                 let span = g * cap * hd..(g * cap + pos + 1) * hd;
                 attend(q, &k0[span.clone()], &v0[span], scale, None, out);
                 if r > 0 {
@@ -166,6 +168,11 @@ pub(super) fn decode_step(
                     }
                 }
             });
+        }
+        let mut attn = vec![0f32; loops * qw];
+        for (t, out) in by_head.chunks_exact(hd).enumerate() {
+            let (head, r) = (t / loops, t % loops);
+            attn[(r * heads + head) * hd..(r * heads + head + 1) * hd].copy_from_slice(out);
         }
 
         add_assign(&mut h, &project(&[&layer.o_proj], &attn, loops)?);
