@@ -1,35 +1,81 @@
 //! Hand-written CPU kernels for the decode hot path.
 //!
-//! [`Q41Matrix`] multiplies GGUF Q4_1 weights by a handful of f32 activation rows (one per
-//! PLT loop during decode). candle's own Q4_1 dot product is scalar and walks the weights once
-//! per row; here every weight block is read and unpacked once and then dotted with all rows,
-//! so `rows = 2` costs much less than twice `rows = 1`.
+//! [`QuantMatrix`] multiplies GGUF Q4_1 or Q8_0 weights by a handful of f32 activation rows
+//! (one per PLT loop during decode). candle's own dot products walk the weights once per
+//! row; here every weight block is read and unpacked once and then dotted with all rows, so
+//! `rows = 2` costs much less than twice `rows = 1`. Columns are split over candle's
+//! persistent barrier pool ([`parallel_pieces`]), so even a one-row product of a small
+//! matrix uses every thread.
 //!
 //! Numerics follow ggml/candle exactly: each activation row is quantized per 32-block to
-//! Q8_1 (`d = amax / 127` rounded to f16, `q = round(x / d)`, `s = d * sum(q)` in f16), and a
-//! block contributes `d4 * d8 * sum(q4 * q8) + m4 * s8`. Results therefore match
-//! `QMatMul::forward` up to f32 summation order.
+//! Q8_1 (`d = amax / 127` rounded to f16, `q = round(x / d)`, `s = d * sum(q)` in f16). A
+//! Q4_1 block contributes `d4 * d8 * sum(q4 * q8) + m4 * s8`, a Q8_0 block
+//! `d * d8 * sum(q * q8)` (Q8_0 activations are Q8_1's without `s`). Results therefore
+//! match `QMatMul::forward` up to f32 summation order.
+
+use std::ops::Range;
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
-/// Elements per Q4_1 / Q8_1 block.
+/// Elements per block (Q4_1, Q8_0 and the Q8_1 activations alike).
 const QK: usize = 32;
-/// Bytes per GGUF Q4_1 block: `d: f16, m: f16, qs: [u8; 16]`.
-const BLOCK_BYTES: usize = 20;
 /// Activation rows handled per pass over the weights (accumulators kept in registers).
 const MAX_ROWS: usize = 8;
 /// Below this much work (weights times activation rows, at most [`MAX_ROWS`]) a product runs
-/// on the calling thread: spawning costs more than it saves. Measured with `bench_q41_matmul`
-/// on 2 cores: a 1536x576 matrix loses ~15% with 2 threads at 1 row, gains ~8% at 2 rows and
-/// ~20% at 3 rows; a 49152x576 one gains ~2x at every row count.
-const PARALLEL_MIN_WORK: usize = 1 << 21;
+/// on the calling thread: waking the pool costs more than it saves.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+/// The block formats the kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `d: f16, m: f16, qs: [u8; 16]` (two 4-bit weights a byte).
+    Q4_1,
+    /// `d: f16, qs: [i8; 32]`.
+    Q8_0,
+}
 
-/// Q4_1 weights `[n, k]` (k a multiple of 32) laid out as GGUF blocks, ready for multi-row
-/// products.
-pub(crate) struct Q41Matrix {
+impl Format {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes per GGUF block.
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of weights per block (the rest are f16 scales in front).
+    fn weight_bytes(self) -> usize {
+        match self {
+            Self::Q4_1 => 16,
+            Self::Q8_0 => 32,
+        }
+    }
+}
+
+/// Output columns per tile of the repacked layout.
+const TILE: usize = 8;
+
+/// Quantized weights `[n, k]` (k a multiple of 32) repacked for multi-row products.
+///
+/// The GGUF blocks of [`TILE`] consecutive output columns are interleaved: per tile, per
+/// block, the columns' scales `d` (then, for Q4_1, their minimums `m`) as f16, then the
+/// weight bytes in groups of 4 (`4 * g ..` of each column in turn). One 32-byte load then
+/// holds 4 weights of each of 8 columns, so a SIMD lane accumulates one column and every
+/// lane does useful work, with no horizontal sums. Same bytes as GGUF, in another order.
+pub(crate) struct QuantMatrix {
+    format: Format,
+    /// Columns, a multiple of [`TILE`] (each stacked part padded with zero columns).
     n: usize,
     k: usize,
-    /// `n * k / 32` GGUF Q4_1 blocks, row (output column) after row.
+    /// `n / TILE` tiles of `k / 32` interleaved blocks each.
     data: Vec<u8>,
 }
 
@@ -73,73 +119,109 @@ impl Q8Rows {
     }
 }
 
-impl Q41Matrix {
-    /// From a candle QTensor of dtype Q4_1; None if it is not Q4_1, not 2-D, or its row
-    /// length is not a multiple of 32.
-    pub(crate) fn from_qtensor(t: &QTensor) -> Option<Self> {
-        if t.dtype() != GgmlDType::Q4_1 {
-            return None;
+impl QuantMatrix {
+    /// The matrices of `parts` stacked (their rows one after another, each padded to a
+    /// multiple of [`TILE`]), from candle QTensors, with the columns each part occupies;
+    /// None unless all are 2-D, of one supported format, with the same row length, a
+    /// multiple of 32.
+    pub(crate) fn from_qtensors(parts: &[&QTensor]) -> Option<(Self, Vec<Range<usize>>)> {
+        let format = Format::of(parts.first()?.dtype())?;
+        let bb = format.block_bytes();
+        let (mut n, mut k) = (0, None);
+        let mut data = Vec::new();
+        let mut ranges = Vec::with_capacity(parts.len());
+        for t in parts {
+            let (rows, cols) = t.shape().dims2().ok()?;
+            if Format::of(t.dtype()) != Some(format)
+                || cols % QK != 0
+                || k.is_some_and(|k| k != cols)
+            {
+                return None;
+            }
+            let kb = cols / QK;
+            let bytes = t.data().ok()?;
+            if bytes.len() != rows * kb * bb {
+                return None;
+            }
+            let zero = vec![0u8; bb];
+            let scale_bytes = bb - format.weight_bytes();
+            for tile in 0..rows.div_ceil(TILE) {
+                for b in 0..kb {
+                    let blocks: Vec<&[u8]> = (0..TILE)
+                        .map(|c| match tile * TILE + c {
+                            j if j < rows => &bytes[(j * kb + b) * bb..(j * kb + b + 1) * bb],
+                            _ => &zero[..],
+                        })
+                        .collect();
+                    // The scales, one f16 field at a time (d, then m for Q4_1).
+                    for field in (0..scale_bytes).step_by(2) {
+                        for blk in &blocks {
+                            data.extend_from_slice(&blk[field..field + 2]);
+                        }
+                    }
+                    for group in (scale_bytes..bb).step_by(4) {
+                        for blk in &blocks {
+                            data.extend_from_slice(&blk[group..group + 4]);
+                        }
+                    }
+                }
+            }
+            ranges.push(n..n + rows);
+            n += rows.next_multiple_of(TILE);
+            k = Some(cols);
         }
-        let (n, k) = t.shape().dims2().ok()?;
-        if k % QK != 0 {
-            return None;
-        }
-        let data = t.data().ok()?;
-        if data.len() != n * (k / QK) * BLOCK_BYTES {
-            return None;
-        }
-        Some(Self {
+        let matrix = Self {
+            format,
             n,
-            k,
-            data: data.into_owned(),
-        })
-    }
-
-    /// Output features (rows of the weight matrix).
-    pub(crate) fn n(&self) -> usize {
-        self.n
-    }
-
-    /// `y[r][j] = sum_i x[r][i] * w[j][i]`: `x` is `rows * k` f32 (row-major), returns
-    /// `rows * n` f32 (row-major).
-    pub(crate) fn matmul(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let parts = if self.n * self.k * rows.min(MAX_ROWS) >= PARALLEL_MIN_WORK {
-            std::thread::available_parallelism().map_or(1, |p| p.get())
-        } else {
-            1
+            k: k?,
+            data,
         };
-        self.matmul_with(x, rows, simd_available(), parts)
+        Some((matrix, ranges))
     }
 
-    /// [`Self::matmul`] with the kernel and the thread count chosen by the caller.
-    fn matmul_with(&self, x: &[f32], rows: usize, simd: bool, parts: usize) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        assert_eq!(x.len(), rows * k, "Q41Matrix::matmul: x is not rows * k");
+    /// `y[r][j - cols.start] = sum_i x[r][i] * w[j][i]` for `j` in `cols`: `x` is
+    /// `rows * k` f32 (row-major), returns `rows * cols.len()` f32 (row-major).
+    pub(crate) fn matmul(&self, x: &[f32], rows: usize, cols: Range<usize>) -> Vec<f32> {
+        self.matmul_with(x, rows, cols, best_isa(), true)
+    }
+
+    /// [`Self::matmul`] with the kernel and whether to use the pool chosen by the caller.
+    fn matmul_with(
+        &self,
+        x: &[f32],
+        rows: usize,
+        cols: Range<usize>,
+        isa: Isa,
+        parallel: bool,
+    ) -> Vec<f32> {
+        let k = self.k;
+        assert_eq!(x.len(), rows * k, "QuantMatrix::matmul: x is not rows * k");
+        assert!(
+            cols.end <= self.n,
+            "QuantMatrix::matmul: columns out of range"
+        );
+        let n = cols.len();
+        // Whole tiles covering `cols`; `skip` columns of the first are not wanted.
+        let first_tile = cols.start / TILE;
+        let tiles = cols.end.div_ceil(TILE) - first_tile;
+        let skip = cols.start - first_tile * TILE;
         let mut y = vec![0f32; rows * n];
+        let threads = pool_threads();
         let mut r0 = 0;
         while r0 < rows {
             let g = (rows - r0).min(MAX_ROWS);
             let q8 = Q8Rows::quantize(&x[r0 * k..(r0 + g) * k], g, k);
-            // Column-major `[n][g]`, so each thread owns one contiguous range of columns.
-            let mut out = vec![0f32; n * g];
-            let parts = parts.clamp(1, n.max(1));
-            if parts == 1 {
-                self.columns(&q8, 0, &mut out, simd);
-            } else {
-                let cols_per = n.div_ceil(parts);
-                std::thread::scope(|scope| {
-                    let mut chunks = out.chunks_mut(cols_per * g).enumerate();
-                    let first = chunks.next();
-                    for (i, chunk) in chunks {
-                        let q8 = &q8;
-                        scope.spawn(move || self.columns(q8, i * cols_per, chunk, simd));
-                    }
-                    if let Some((_, chunk)) = first {
-                        self.columns(&q8, 0, chunk, simd);
-                    }
+            // Column-major `[tiles * TILE][g]`, so each piece is one contiguous range of tiles.
+            let mut out = vec![0f32; tiles * TILE * g];
+            if parallel && threads > 1 && n * k * g >= PARALLEL_MIN_WORK {
+                let per = tiles.div_ceil(threads);
+                parallel_pieces(&mut out, per * TILE * g, |i, piece| {
+                    self.tiles(&q8, first_tile + i * per, piece, isa);
                 });
+            } else {
+                self.tiles(&q8, first_tile, &mut out, isa);
             }
-            for (j, col) in out.chunks_exact(g).enumerate() {
+            for (j, col) in out.chunks_exact(g).skip(skip).take(n).enumerate() {
                 for (r, &v) in col.iter().enumerate() {
                     y[(r0 + r) * n + j] = v;
                 }
@@ -149,169 +231,363 @@ impl Q41Matrix {
         y
     }
 
-    /// Outputs for columns `j0 .. j0 + out.len() / q8.rows`, written `[column][row]`.
-    fn columns(&self, q8: &Q8Rows, j0: usize, out: &mut [f32], simd: bool) {
+    /// Outputs for tiles `t0 ..` (as many as `out` holds), written `[column][row]`.
+    fn tiles(&self, q8: &Q8Rows, t0: usize, out: &mut [f32], isa: Isa) {
         let kb = self.k / QK;
-        let ncols = out.len() / q8.rows;
-        let w = &self.data[j0 * kb * BLOCK_BYTES..(j0 + ncols) * kb * BLOCK_BYTES];
+        let tile_bytes = TILE * kb * self.format.block_bytes();
+        let count = out.len() / (TILE * q8.rows);
+        let w = &self.data[t0 * tile_bytes..(t0 + count) * tile_bytes];
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is only true when `simd_available()` found AVX2, FMA and F16C
-            // on this CPU (the tests pass it after checking the same).
-            unsafe { avx2::columns(w, kb, q8, out) };
+        if isa != Isa::Scalar {
+            // SAFETY: `isa` is `best_isa()` or below it (the tests pass only those), so
+            // this CPU has its features.
+            unsafe { avx2::tiles(isa, self.format, w, kb, q8, out) };
             return;
         }
-        let _ = simd;
-        columns_scalar(w, kb, q8, out);
+        tiles_scalar(self.format, w, kb, q8, out);
     }
 }
 
-/// Whether the AVX2 kernel can run on this CPU.
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Threads of candle's barrier pool: its workers and the calling thread.
+fn pool_threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
 }
 
-/// Portable kernel: same arithmetic as the AVX2 one, summed in a different order.
-fn columns_scalar(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
-    let rows = q8.rows;
-    for (col, ws) in out
-        .chunks_exact_mut(rows)
-        .zip(w.chunks_exact(kb * BLOCK_BYTES))
-    {
-        let mut acc = [0f32; MAX_ROWS];
-        for (b, blk) in ws.chunks_exact(BLOCK_BYTES).enumerate() {
-            let d4 = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-            let m4 = f16_to_f32(u16::from_le_bytes([blk[2], blk[3]]));
-            let qs = &blk[4..BLOCK_BYTES];
-            for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                let i = b * rows + r;
-                let y = &q8.qs[i * QK..(i + 1) * QK];
-                let mut sumi = 0i32;
-                for (t, &q) in qs.iter().enumerate() {
-                    sumi += (q & 0x0F) as i32 * y[t] as i32 + (q >> 4) as i32 * y[t + 16] as i32;
-                }
-                *a += sumi as f32 * (d4 * q8.d[i]) + m4 * q8.s[b * MAX_ROWS + r];
+/// Runs `f(i, piece)` for each `len`-long piece of `out` (the last may be shorter) on
+/// candle's barrier pool, whose workers spin between calls, so that even short work uses
+/// every thread; each thread takes one contiguous run of pieces, so neighbouring pieces
+/// that read the same data stay on one core.
+pub(crate) fn parallel_pieces(out: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let pieces: Vec<Mutex<&mut [f32]>> = out.chunks_mut(len.max(1)).map(Mutex::new).collect();
+    let (n, threads) = (pieces.len(), pool_threads());
+    candle_core::utils::barrier_pool().execute(|tid| {
+        for (i, piece) in pieces
+            .iter()
+            .enumerate()
+            .take((tid + 1) * n / threads)
+            .skip(tid * n / threads)
+        {
+            f(i, &mut piece.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+    });
+}
+
+/// The kernels' instruction sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    /// Portable Rust.
+    Scalar,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// The AVX2 kernel with AVX512-VNNI's `vpdpbusd` for the integer dot products.
+    Vnni,
+}
+
+/// The best kernel this CPU runs (detected once).
+fn best_isa() -> Isa {
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let vnni =
+                is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl");
+            match (avx2, vnni) {
+                (true, true) => Isa::Vnni,
+                (true, false) => Isa::Avx2,
+                _ => Isa::Scalar,
             }
         }
-        col.copy_from_slice(&acc[..rows]);
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Isa::Scalar
+        }
+    })
+}
+
+/// Portable kernel: same arithmetic as the SIMD ones, summed in a different order.
+fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+    let rows = q8.rows;
+    let bb = format.block_bytes();
+    let scale_bytes = bb - format.weight_bytes();
+    for (tile, ws) in out
+        .chunks_exact_mut(TILE * rows)
+        .zip(w.chunks_exact(TILE * kb * bb))
+    {
+        let mut acc = [[0f32; MAX_ROWS]; TILE];
+        for (b, blk) in ws.chunks_exact(TILE * bb).enumerate() {
+            let f16_at = |i: usize| f16_to_f32(u16::from_le_bytes([blk[i], blk[i + 1]]));
+            let weights = &blk[TILE * scale_bytes..];
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let d = f16_at(2 * c);
+                // Byte `e` of group `g` of this column.
+                let byte = |g: usize, e: usize| weights[(g * TILE + c) * 4 + e];
+                for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                    let i = b * rows + r;
+                    let y = &q8.qs[i * QK..(i + 1) * QK];
+                    *a += match format {
+                        Format::Q4_1 => {
+                            let sumi: i32 = (0..QK / 2)
+                                .map(|t| {
+                                    let q = byte(t / 4, t % 4);
+                                    (q & 0x0F) as i32 * y[t] as i32
+                                        + (q >> 4) as i32 * y[t + 16] as i32
+                                })
+                                .sum();
+                            let m = f16_at(2 * TILE + 2 * c);
+                            sumi as f32 * (d * q8.d[i]) + m * q8.s[b * MAX_ROWS + r]
+                        }
+                        Format::Q8_0 => {
+                            let sumi: i32 = (0..QK)
+                                .map(|t| byte(t / 4, t % 4) as i8 as i32 * y[t] as i32)
+                                .sum();
+                            sumi as f32 * (d * q8.d[i])
+                        }
+                    };
+                }
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            tile[c * rows..(c + 1) * rows].copy_from_slice(&acc[..rows]);
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Q8Rows, BLOCK_BYTES, MAX_ROWS, QK};
+    use super::{Format, Isa, Q8Rows, MAX_ROWS, QK, TILE};
     use std::arch::x86_64::*;
 
-    /// AVX2 kernel for [`super::Q41Matrix::columns`].
+    /// SIMD kernel for [`super::QuantMatrix::tiles`]: lane c of a vector is column c of
+    /// the tile.
     ///
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn columns(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
-        // Columns per tile: with few rows, several columns give the FMA chains enough
-        // independent work to hide their latency; with many rows the rows already do.
-        match q8.rows {
-            1 => tiled::<1, 4>(w, kb, q8, out),
-            2 => tiled::<2, 4>(w, kb, q8, out),
-            3 => tiled::<3, 2>(w, kb, q8, out),
-            4 => tiled::<4, 2>(w, kb, q8, out),
-            5 => tiled::<5, 1>(w, kb, q8, out),
-            6 => tiled::<6, 1>(w, kb, q8, out),
-            7 => tiled::<7, 1>(w, kb, q8, out),
-            8 => tiled::<8, 1>(w, kb, q8, out),
-            r => unreachable!("Q4_1 kernel called with {r} rows"),
-        }
-    }
-
-    /// Tiles of `C` columns, then the leftover columns one at a time.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn tiled<const R: usize, const C: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
-        let full = out.len() / R / C * C;
-        let (out_a, out_b) = out.split_at_mut(full * R);
-        let (w_a, w_b) = w.split_at(full * kb * BLOCK_BYTES);
-        columns_n::<R, C>(w_a, kb, q8, out_a);
-        columns_n::<R, 1>(w_b, kb, q8, out_b);
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn columns_n<const R: usize, const C: usize>(
+    /// The CPU must support AVX2, FMA and F16C, and for [`Isa::Vnni`] also AVX512-VNNI
+    /// and AVX512VL.
+    pub(super) unsafe fn tiles(
+        isa: Isa,
+        format: Format,
         w: &[u8],
         kb: usize,
         q8: &Q8Rows,
         out: &mut [f32],
     ) {
-        debug_assert_eq!(q8.rows, R);
-        let low_nibbles = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let qs8 = &q8.qs[..kb * R * QK];
-        let d8 = &q8.d[..kb * R];
-        let s8 = &q8.s[..kb * MAX_ROWS];
-        let col_bytes = kb * BLOCK_BYTES;
-        for (tile, ws) in out
-            .chunks_exact_mut(R * C)
-            .zip(w.chunks_exact(C * col_bytes))
-        {
-            let mut acc = [[_mm256_setzero_ps(); R]; C];
-            // Lane r: sum over blocks of m4 * s8[r].
-            let mut macc = [_mm256_setzero_ps(); C];
-            for b in 0..kb {
-                let ys = &qs8[b * R * QK..(b + 1) * R * QK];
-                // The range is exactly MAX_ROWS long, so the conversion cannot fail.
-                let s: &[f32; MAX_ROWS] = s8[b * MAX_ROWS..(b + 1) * MAX_ROWS].try_into().unwrap();
-                // SAFETY: `s` is 8 f32s, exactly one unaligned 256-bit load.
-                let s = unsafe { _mm256_loadu_ps(s.as_ptr()) };
-                for c in 0..C {
-                    let off = c * col_bytes + b * BLOCK_BYTES;
-                    // The range is exactly BLOCK_BYTES long, so the conversion cannot fail.
-                    let blk: &[u8; BLOCK_BYTES] = ws[off..off + BLOCK_BYTES].try_into().unwrap();
-                    let dm = i32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
-                    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
-                    let d4 = _mm256_broadcastss_ps(dm);
-                    let m4 = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
-                    macc[c] = _mm256_fmadd_ps(m4, s, macc[c]);
-                    // SAFETY: `blk` is 20 bytes, so bytes 4..20 are in bounds for a 16-byte
-                    // unaligned load.
-                    let q = unsafe { _mm_loadu_si128(blk.as_ptr().add(4).cast()) };
-                    // Elements 0..16 are the low nibbles, 16..32 the high ones.
-                    let nib =
-                        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(q, 4), q), low_nibbles);
-                    for r in 0..R {
-                        let y = &ys[r * QK..(r + 1) * QK];
-                        // SAFETY: `y` is 32 bytes, exactly one unaligned 256-bit load.
-                        let y = unsafe { _mm256_loadu_si256(y.as_ptr().cast()) };
-                        // u4 * i8 pairs fit i16 (at most 2 * 15 * 128): no saturation.
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(nib, y), ones);
-                        let scale = _mm256_mul_ps(d4, _mm256_set1_ps(d8[b * R + r]));
-                        acc[c][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[c][r]);
-                    }
-                }
-            }
-            for c in 0..C {
-                let mut m = [0f32; MAX_ROWS];
-                // SAFETY: `m` is 8 f32s, exactly one unaligned 256-bit store.
-                unsafe { _mm256_storeu_ps(m.as_mut_ptr(), macc[c]) };
-                for r in 0..R {
-                    tile[c * R + r] = hsum(acc[c][r]) + m[r];
-                }
+        // SAFETY: the caller checked the CPU features of `isa`.
+        unsafe {
+            match isa {
+                Isa::Vnni => tiles_vnni(format, w, kb, q8, out),
+                _ => tiles_avx2(format, w, kb, q8, out),
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+    fn tiles_avx2(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        by_rows::<Avx2>(format, w, kb, q8, out);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    fn tiles_vnni(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        by_rows::<Vnni>(format, w, kb, q8, out);
+    }
+
+    /// The integer dot products of one block, per instruction set: lane c of the result
+    /// is `sum(w * y)` over the 32 weights of column c.
+    trait BlockSums {
+        /// Q4_1: `lo[g]` / `hi[g]` hold weights `4g..` / `16+4g..` of each column.
+        unsafe fn q4_1(lo: &[__m256i; 4], hi: &[__m256i; 4], y: &[i8]) -> __m256i;
+        /// Q8_0: `q[g]` holds weights `4g..` of each column, `abs[g]` their magnitudes.
+        unsafe fn q8_0(q: &[__m256i; 8], abs: &[__m256i; 8], y: &[i8]) -> __m256i;
+    }
+
+    struct Avx2;
+    impl BlockSums for Avx2 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn q4_1(lo: &[__m256i; 4], hi: &[__m256i; 4], y: &[i8]) -> __m256i {
+            // u4 * i8 pairs are at most 2 * 15 * 127 = 3810, and 8 of them (30480) still
+            // fit i16: one widening per block.
+            let mut s16 = _mm256_setzero_si256();
+            for g in 0..4 {
+                let l = _mm256_maddubs_epi16(lo[g], broadcast4(y, 4 * g));
+                let h = _mm256_maddubs_epi16(hi[g], broadcast4(y, 16 + 4 * g));
+                s16 = _mm256_add_epi16(s16, _mm256_add_epi16(l, h));
+            }
+            _mm256_madd_epi16(s16, _mm256_set1_epi16(1))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn q8_0(q: &[__m256i; 8], abs: &[__m256i; 8], y: &[i8]) -> __m256i {
+            let mut s32 = _mm256_setzero_si256();
+            for g in 0..8 {
+                // maddubs wants unsigned * signed: |w| * (y with w's sign). GGUF Q8_0
+                // weights lie in -127..=127, so the pair sums fit i16.
+                let sy = _mm256_sign_epi8(broadcast4(y, 4 * g), q[g]);
+                let p = _mm256_maddubs_epi16(abs[g], sy);
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+            }
+            s32
+        }
+    }
+
+    /// `vpdpbusd` sums four u8 * i8 products into each i32 lane in one instruction.
+    struct Vnni;
+    impl BlockSums for Vnni {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        unsafe fn q4_1(lo: &[__m256i; 4], hi: &[__m256i; 4], y: &[i8]) -> __m256i {
+            let mut s = _mm256_setzero_si256();
+            for g in 0..4 {
+                s = _mm256_dpbusd_epi32(s, lo[g], broadcast4(y, 4 * g));
+                s = _mm256_dpbusd_epi32(s, hi[g], broadcast4(y, 16 + 4 * g));
+            }
+            s
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+        unsafe fn q8_0(q: &[__m256i; 8], abs: &[__m256i; 8], y: &[i8]) -> __m256i {
+            let mut s = _mm256_setzero_si256();
+            for g in 0..8 {
+                let sy = _mm256_sign_epi8(broadcast4(y, 4 * g), q[g]);
+                s = _mm256_dpbusd_epi32(s, abs[g], sy);
+            }
+            s
+        }
+    }
+
+    /// Instantiates the kernels for 1..=MAX_ROWS rows; inlined into each instruction
+    /// set's entry point so that it is compiled with that set's features.
+    #[inline(always)]
+    fn by_rows<S: BlockSums>(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        match (format, q8.rows) {
+            (Format::Q4_1, 1) => q4_1::<S, 1>(w, kb, q8, out),
+            (Format::Q4_1, 2) => q4_1::<S, 2>(w, kb, q8, out),
+            (Format::Q4_1, 3) => q4_1::<S, 3>(w, kb, q8, out),
+            (Format::Q4_1, 4) => q4_1::<S, 4>(w, kb, q8, out),
+            (Format::Q4_1, 5) => q4_1::<S, 5>(w, kb, q8, out),
+            (Format::Q4_1, 6) => q4_1::<S, 6>(w, kb, q8, out),
+            (Format::Q4_1, 7) => q4_1::<S, 7>(w, kb, q8, out),
+            (Format::Q4_1, 8) => q4_1::<S, 8>(w, kb, q8, out),
+            (Format::Q8_0, 1) => q8_0::<S, 1>(w, kb, q8, out),
+            (Format::Q8_0, 2) => q8_0::<S, 2>(w, kb, q8, out),
+            (Format::Q8_0, 3) => q8_0::<S, 3>(w, kb, q8, out),
+            (Format::Q8_0, 4) => q8_0::<S, 4>(w, kb, q8, out),
+            (Format::Q8_0, 5) => q8_0::<S, 5>(w, kb, q8, out),
+            (Format::Q8_0, 6) => q8_0::<S, 6>(w, kb, q8, out),
+            (Format::Q8_0, 7) => q8_0::<S, 7>(w, kb, q8, out),
+            (Format::Q8_0, 8) => q8_0::<S, 8>(w, kb, q8, out),
+            (_, r) => unreachable!("quantized kernel called with {r} rows"),
+        }
+    }
+
+    /// Interleaved Q4_1 bytes per block of a tile: 8 d, 8 m, 8 x 16 weight bytes.
+    const Q4_1_TILE_BLOCK: usize = 160;
+    /// Interleaved Q8_0 bytes per block of a tile: 8 d, 8 x 32 weights.
+    const Q8_0_TILE_BLOCK: usize = 272;
+
+    /// The 4 bytes of `y` from `at` broadcast to every 32-bit lane.
+    #[inline(always)]
+    fn broadcast4(y: &[i8], at: usize) -> __m256i {
+        let b: [i8; 4] = [y[at], y[at + 1], y[at + 2], y[at + 3]];
+        // SAFETY: only reached from functions compiled with AVX (all of this module's).
+        unsafe { _mm256_set1_epi32(i32::from_le_bytes(b.map(|v| v as u8))) }
+    }
+
+    /// The 8 f16 at `at` of `blk` as f32.
+    #[inline(always)]
+    fn f16x8(blk: &[u8], at: usize) -> __m256 {
+        let v = &blk[at..at + 16];
+        // SAFETY: `v` is 16 bytes, exactly one unaligned 128-bit load; only reached from
+        // functions compiled with F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().cast())) }
+    }
+
+    /// The 32 bytes at `at` of `blk`.
+    #[inline(always)]
+    fn load32(blk: &[u8], at: usize) -> __m256i {
+        let v = &blk[at..at + 32];
+        // SAFETY: `v` is 32 bytes, exactly one unaligned 256-bit load.
+        unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
+    }
+
+    /// Writes the R accumulators (lane c: column c) to `tile` `[column][row]`.
+    #[inline(always)]
+    fn store<const R: usize>(acc: &[__m256; R], tile: &mut [f32]) {
+        for (r, a) in acc.iter().enumerate() {
+            let mut lanes = [0f32; TILE];
+            // SAFETY: `lanes` is 8 f32s, exactly one unaligned 256-bit store.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+            for (c, &v) in lanes.iter().enumerate() {
+                tile[c * R + r] = v;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn q4_1<S: BlockSums, const R: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        // SAFETY (all intrinsics below): inlined only into the entry points, compiled
+        // with AVX2, FMA, F16C and S's features, which the caller checked.
+        unsafe {
+            let low = _mm256_set1_epi8(0x0F);
+            for (tile, ws) in out
+                .chunks_exact_mut(TILE * R)
+                .zip(w.chunks_exact(kb * Q4_1_TILE_BLOCK))
+            {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for (b, blk) in ws.chunks_exact(Q4_1_TILE_BLOCK).enumerate() {
+                    let d = f16x8(blk, 0);
+                    let m = f16x8(blk, 16);
+                    let mut lo = [_mm256_setzero_si256(); 4];
+                    let mut hi = [_mm256_setzero_si256(); 4];
+                    for g in 0..4 {
+                        let q = load32(blk, 32 + 32 * g);
+                        lo[g] = _mm256_and_si256(q, low);
+                        hi[g] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let i = b * R + r;
+                        let s = S::q4_1(&lo, &hi, &q8.qs[i * QK..(i + 1) * QK]);
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(q8.d[i]));
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *acc);
+                        *acc = _mm256_fmadd_ps(m, _mm256_set1_ps(q8.s[b * MAX_ROWS + r]), *acc);
+                    }
+                }
+                store(&acc, tile);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn q8_0<S: BlockSums, const R: usize>(w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
+        // SAFETY (all intrinsics below): as in `q4_1`.
+        unsafe {
+            for (tile, ws) in out
+                .chunks_exact_mut(TILE * R)
+                .zip(w.chunks_exact(kb * Q8_0_TILE_BLOCK))
+            {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for (b, blk) in ws.chunks_exact(Q8_0_TILE_BLOCK).enumerate() {
+                    let d = f16x8(blk, 0);
+                    let mut q = [_mm256_setzero_si256(); 8];
+                    let mut abs = [_mm256_setzero_si256(); 8];
+                    for g in 0..8 {
+                        q[g] = load32(blk, 16 + 32 * g);
+                        abs[g] = _mm256_sign_epi8(q[g], q[g]);
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let i = b * R + r;
+                        let s = S::q8_0(&q, &abs, &q8.qs[i * QK..(i + 1) * QK]);
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(q8.d[i]));
+                        *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *acc);
+                    }
+                }
+                store(&acc, tile);
+            }
+        }
     }
 }
 
@@ -369,13 +645,13 @@ fn f32_to_f16(x: f32) -> u16 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::QMatMul;
     use candle_core::{Device, Module, Tensor};
 
     /// Deterministic values in [-1, 1).
-    fn lcg(seed: u64, len: usize) -> Vec<f32> {
+    pub(crate) fn lcg(seed: u64, len: usize) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         (0..len)
             .map(|_| {
@@ -387,9 +663,9 @@ mod tests {
             .collect()
     }
 
-    fn quantized(n: usize, k: usize, seed: u64) -> QTensor {
+    fn quantized(n: usize, k: usize, seed: u64, dtype: GgmlDType) -> QTensor {
         let w = Tensor::from_vec(lcg(seed, n * k), (n, k), &Device::Cpu).unwrap();
-        QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()
+        QTensor::quantize(&w, dtype).unwrap()
     }
 
     fn rms(v: &[f32]) -> f32 {
@@ -403,6 +679,8 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max)
     }
+
+    const FORMATS: [GgmlDType; 2] = [GgmlDType::Q4_1, GgmlDType::Q8_0];
 
     #[test]
     fn f16_conversions_round_trip() {
@@ -421,81 +699,117 @@ mod tests {
     }
 
     #[test]
-    fn rejects_non_q4_1() {
+    fn takes_only_matching_supported_formats() {
         let w = Tensor::from_vec(lcg(1, 64 * 64), (64, 64), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        assert!(Q41Matrix::from_qtensor(&q).is_none());
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let m = Q41Matrix::from_qtensor(&q).unwrap();
-        assert_eq!((m.n(), m.k), (64, 64));
+        let q4k = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
+        assert!(QuantMatrix::from_qtensors(&[&q4k]).is_none());
+        let a = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let b = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        assert!(QuantMatrix::from_qtensors(&[&a, &b]).is_none());
+        let (m, ranges) = QuantMatrix::from_qtensors(&[&a, &a]).unwrap();
+        assert_eq!((m.n, m.k, ranges), (128, 64, vec![0..64, 64..128]));
+        // Parts are padded to whole tiles.
+        let w = Tensor::from_vec(lcg(2, 9 * 64), (9, 64), &Device::Cpu).unwrap();
+        let nine = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let (m, ranges) = QuantMatrix::from_qtensors(&[&nine, &nine]).unwrap();
+        assert_eq!((m.n, ranges), (32, vec![0..9, 16..25]));
+        let w = Tensor::from_vec(lcg(1, 64 * 96), (64, 96), &Device::Cpu).unwrap();
+        let c = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        assert!(QuantMatrix::from_qtensors(&[&a, &c]).is_none());
     }
 
     #[test]
     fn matches_dequantized_and_candle() {
-        for &(n, k) in &[(64, 64), (1536, 576), (576, 1536)] {
-            let q = quantized(n, k, (n * 31 + k) as u64);
-            let w = q.dequantize(&Device::Cpu).unwrap();
-            let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
-            let m = Q41Matrix::from_qtensor(&q).unwrap();
-            let qmm = QMatMul::from_qtensor(quantized(n, k, (n * 31 + k) as u64)).unwrap();
-            for &rows in &[1usize, 2, 3, 8, 11] {
-                let x = lcg(rows as u64 * 7 + 3, rows * k);
-                let y = m.matmul(&x, rows);
-                assert_eq!(y.len(), rows * n);
+        for dtype in FORMATS {
+            for &(n, k) in &[(64, 64), (9, 64), (1536, 576), (576, 1536)] {
+                let q = quantized(n, k, (n * 31 + k) as u64, dtype);
+                let w = q.dequantize(&Device::Cpu).unwrap();
+                let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+                let (m, _) = QuantMatrix::from_qtensors(&[&q]).unwrap();
+                let qmm =
+                    QMatMul::from_qtensor(quantized(n, k, (n * 31 + k) as u64, dtype)).unwrap();
+                for &rows in &[1usize, 2, 3, 8, 11] {
+                    let x = lcg(rows as u64 * 7 + 3, rows * k);
+                    let y = m.matmul(&x, rows, 0..n);
+                    assert_eq!(y.len(), rows * n);
 
-                // (a) f32 product with the dequantized weights.
-                let mut exact = vec![0f32; rows * n];
-                for r in 0..rows {
-                    for j in 0..n {
-                        exact[r * n + j] = (0..k)
-                            .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
-                            .sum::<f64>() as f32;
+                    // (a) f32 product with the dequantized weights.
+                    let mut exact = vec![0f32; rows * n];
+                    for r in 0..rows {
+                        for j in 0..n {
+                            exact[r * n + j] = (0..k)
+                                .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                                .sum::<f64>() as f32;
+                        }
                     }
+                    let scale = rms(&exact);
+                    let err = max_abs_diff(&y, &exact);
+                    assert!(
+                        err < 2e-2 * scale,
+                        "{dtype:?} n={n} k={k} rows={rows}: err {err} vs rms {scale}"
+                    );
+
+                    // The pool's split gives the same numbers as one thread.
+                    assert_eq!(y, m.matmul_with(&x, rows, 0..n, best_isa(), false));
+
+                    // A column range is that slice of every row.
+                    let cols = n / 4..n / 2 + 3;
+                    let part = m.matmul(&x, rows, cols.clone());
+                    for r in 0..rows {
+                        let want = &y[r * n + cols.start..r * n + cols.end];
+                        let got = &part[r * cols.len()..(r + 1) * cols.len()];
+                        assert_eq!(got, want, "{dtype:?} columns {cols:?} row {r}");
+                    }
+                    // (b) candle's quantized matmul: same algorithm, except that candle
+                    // repacks Q8_0 with k a multiple of 256 and quantizes x its own way.
+                    if dtype == GgmlDType::Q8_0 && k % 256 == 0 {
+                        continue;
+                    }
+                    let xt = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap();
+                    let yc: Vec<f32> = qmm
+                        .forward(&xt)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let err = max_abs_diff(&y, &yc);
+                    assert!(
+                        err < 1e-4 * scale,
+                        "vs candle {dtype:?} n={n} k={k} rows={rows}: err {err} vs rms {scale}"
+                    );
                 }
-                let scale = rms(&exact);
-                let err = max_abs_diff(&y, &exact);
-                assert!(
-                    err < 2e-2 * scale,
-                    "n={n} k={k} rows={rows}: err {err} vs rms {scale}"
-                );
-
-                // (b) candle's Q4_1 x Q8_1 matmul: same algorithm.
-                let xt = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap();
-                let yc: Vec<f32> = qmm
-                    .forward(&xt)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let err = max_abs_diff(&y, &yc);
-                assert!(
-                    err < 1e-4 * scale,
-                    "vs candle n={n} k={k} rows={rows}: err {err} vs rms {scale}"
-                );
-
-                // Threaded split gives the same numbers.
-                let yt = m.matmul_with(&x, rows, simd_available(), 3);
-                assert_eq!(yt, m.matmul_with(&x, rows, simd_available(), 1));
             }
         }
     }
 
     #[test]
-    fn scalar_matches_simd() {
-        if !simd_available() {
-            eprintln!("no AVX2/FMA/F16C: SIMD kernel not tested");
-            return;
+    fn every_instruction_set_matches_the_scalar_kernel() {
+        let isas = match best_isa() {
+            Isa::Scalar => vec![],
+            Isa::Avx2 => vec![Isa::Avx2],
+            Isa::Vnni => vec![Isa::Avx2, Isa::Vnni],
+        };
+        if isas.is_empty() {
+            eprintln!("no AVX2/FMA/F16C: SIMD kernels not tested");
         }
-        for &(n, k) in &[(64, 64), (67, 96), (96, 1536)] {
-            let m = Q41Matrix::from_qtensor(&quantized(n, k, 99)).unwrap();
-            for rows in 1..=9 {
-                let x = lcg(rows as u64, rows * k);
-                let a = m.matmul_with(&x, rows, true, 1);
-                let b = m.matmul_with(&x, rows, false, 1);
-                let scale = rms(&b);
-                let err = max_abs_diff(&a, &b);
-                assert!(err < 1e-5 * scale, "n={n} k={k} rows={rows}: {err}");
+        for isa in isas {
+            for dtype in FORMATS {
+                for &(n, k) in &[(64, 64), (67, 96), (96, 1536)] {
+                    let (m, _) =
+                        QuantMatrix::from_qtensors(&[&quantized(n, k, 99, dtype)]).unwrap();
+                    for rows in 1..=9 {
+                        let x = lcg(rows as u64, rows * k);
+                        let a = m.matmul_with(&x, rows, 0..n, isa, false);
+                        let b = m.matmul_with(&x, rows, 0..n, Isa::Scalar, false);
+                        let scale = rms(&b);
+                        let err = max_abs_diff(&a, &b);
+                        assert!(
+                            err < 1e-5 * scale,
+                            "{isa:?} {dtype:?} n={n} k={k} rows={rows}: {err}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -503,7 +817,7 @@ mod tests {
     /// `cargo test --release --lib kernels -- --ignored --nocapture`
     #[test]
     #[ignore = "benchmark"]
-    fn bench_q41_matmul() {
+    fn bench_quantized_matmul() {
         use std::time::Instant;
         fn time(iters: usize, mut f: impl FnMut()) -> f64 {
             for _ in 0..iters / 10 + 1 {
@@ -515,31 +829,36 @@ mod tests {
             }
             t.elapsed().as_nanos() as f64 / iters as f64
         }
-        for &(n, k) in &[(1536, 576), (576, 1536), (49152, 576)] {
-            let q = quantized(n, k, 5);
-            let m = Q41Matrix::from_qtensor(&q).unwrap();
+        let shapes = [
+            (GgmlDType::Q4_1, 576, 576),
+            (GgmlDType::Q4_1, 3072, 576),
+            (GgmlDType::Q4_1, 576, 1536),
+            (GgmlDType::Q8_0, 49152, 576),
+        ];
+        for (dtype, n, k) in shapes {
+            let q = quantized(n, k, 5, dtype);
+            let (m, _) = QuantMatrix::from_qtensors(&[&q]).unwrap();
             let qmm = QMatMul::from_qtensor(q).unwrap();
             let iters = (200_000_000 / (n * k)).max(5);
-            let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
-            for rows in [1usize, 2, 3, 4, 8] {
+            for rows in [1usize, 2, 3, 8] {
                 let x = lcg(rows as u64, rows * k);
                 let xt = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap();
+                let isa = best_isa();
+                let avx2 = time(iters, || {
+                    std::hint::black_box(m.matmul_with(&x, rows, 0..n, Isa::Avx2, false));
+                });
                 let single = time(iters, || {
-                    std::hint::black_box(m.matmul_with(&x, rows, simd_available(), 1));
+                    std::hint::black_box(m.matmul_with(&x, rows, 0..n, isa, false));
                 });
-                let threaded = time(iters, || {
-                    std::hint::black_box(m.matmul_with(&x, rows, simd_available(), threads));
-                });
-                let scalar = time(iters.div_ceil(4), || {
-                    std::hint::black_box(m.matmul_with(&x, rows, false, 1));
+                let pooled = time(iters, || {
+                    std::hint::black_box(m.matmul_with(&x, rows, 0..n, isa, true));
                 });
                 let candle = time(iters.div_ceil(4), || {
                     std::hint::black_box(qmm.forward(&xt).unwrap());
                 });
                 println!(
-                    "{n}x{k} rows={rows}: simd 1 thread {:.0} ns, {threads} threads {:.0} ns, \
-                     scalar {:.0} ns, candle QMatMul {:.0} ns",
-                    single, threaded, scalar, candle
+                    "{dtype:?} {n}x{k} rows={rows}: AVX2 1 thread {avx2:.0} ns, {isa:?} 1 thread \
+                     {single:.0} ns, pool {pooled:.0} ns, candle QMatMul {candle:.0} ns"
                 );
             }
         }

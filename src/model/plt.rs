@@ -1,9 +1,10 @@
 //! The PLT forward pass: loop-by-loop prefill and cross-loop-parallel decode.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::ops::{rms_norm, sigmoid, softmax_last_dim};
 
@@ -11,8 +12,10 @@ use super::cache::{CacheShape, PltCache};
 use super::config::PltConfig;
 use super::error::{ModelError, Result, MAX_LOOPS};
 use super::gguf::GgufWeights;
-use super::kernels::Q41Matrix;
+use super::kernels::QuantMatrix;
 use super::weights::{Checkpoint, SafetensorsWeights, WeightSource};
+
+mod fused;
 
 /// Positions prefilled per chunk: bounds the attention score matrix of a long prompt.
 const PREFILL_CHUNK: usize = 512;
@@ -87,6 +90,9 @@ pub struct PltModel {
     /// GGUF llama files store q/k rows permuted for interleaved RoPE; rotating adjacent
     /// pairs on them equals rotate-half on the original rows.
     rope_interleaved: bool,
+    /// The norms and gates in f32 for the CPU decode step; None off the CPU or in another
+    /// dtype, where decode runs as candle operations.
+    cpu: Option<fused::CpuWeights>,
 }
 
 /// Gate bias of the identity lift: sigmoid(60) is 1 in f32.
@@ -190,22 +196,29 @@ impl PltModel {
             let norm = |source: &mut dyn WeightSource, name: &str| {
                 source.tensor(&format!("{p}.{name}.weight"), &[d])
             };
-            let matrix = |source: &mut dyn WeightSource, name: &str, shape: &[usize]| {
-                source
-                    .matrix(&format!("{p}.{name}.weight"), shape)
-                    .map(Matrix::new)
+            let raw = |source: &mut dyn WeightSource, name: &str, shape: &[usize]| {
+                source.matrix(&format!("{p}.{name}.weight"), shape)
             };
             let ffn = c.intermediate_size;
+            let [q_proj, k_proj, v_proj] = Matrix::stacked([
+                raw(source, "self_attn.q_proj", &[h * hd, d])?,
+                raw(source, "self_attn.k_proj", &[kv * hd, d])?,
+                raw(source, "self_attn.v_proj", &[kv * hd, d])?,
+            ]);
+            let [gate_proj, up_proj] = Matrix::stacked([
+                raw(source, "mlp.gate_proj", &[ffn, d])?,
+                raw(source, "mlp.up_proj", &[ffn, d])?,
+            ]);
             layers.push(DecoderLayer {
                 input_norm: norm(source, "input_layernorm")?,
                 post_attention_norm: norm(source, "post_attention_layernorm")?,
-                q_proj: matrix(source, "self_attn.q_proj", &[h * hd, d])?,
-                k_proj: matrix(source, "self_attn.k_proj", &[kv * hd, d])?,
-                v_proj: matrix(source, "self_attn.v_proj", &[kv * hd, d])?,
-                o_proj: matrix(source, "self_attn.o_proj", &[d, h * hd])?,
-                gate_proj: matrix(source, "mlp.gate_proj", &[ffn, d])?,
-                up_proj: matrix(source, "mlp.up_proj", &[ffn, d])?,
-                down_proj: matrix(source, "mlp.down_proj", &[d, ffn])?,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj: Matrix::new(raw(source, "self_attn.o_proj", &[d, h * hd])?),
+                gate_proj,
+                up_proj,
+                down_proj: Matrix::new(raw(source, "mlp.down_proj", &[d, ffn])?),
                 plt_gate,
             });
             progress((i + 1) as f32 / c.num_hidden_layers as f32);
@@ -214,7 +227,7 @@ impl PltModel {
         let inv_freq = (0..hd / 2)
             .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f64 / hd as f64))
             .collect();
-        Ok(Self {
+        let mut model = Self {
             config,
             device: device.clone(),
             dtype,
@@ -224,7 +237,12 @@ impl PltModel {
             lm_head,
             inv_freq,
             rope_interleaved: source.rope_interleaved(),
-        })
+            cpu: None,
+        };
+        if device.is_cpu() && dtype == DType::F32 {
+            model.cpu = Some(fused::CpuWeights::new(&model)?);
+        }
+        Ok(model)
     }
 
     /// Number of weights (matrices, norms and gates).
@@ -426,9 +444,20 @@ impl PltModel {
     /// Runs one token through all loops as one batch of rows and returns its logits `[vocab]`.
     pub fn decode(&self, cache: &mut PltCache, id: u32) -> Result<Tensor> {
         self.check_ids(cache, &[id])?;
+        cache.reserve(cache.len() + 1)?;
+        let logits = match &self.cpu {
+            Some(weights) => fused::decode_step(self, weights, cache, id)?,
+            None => self.decode_step(cache, id)?,
+        };
+        cache.tokens.push(id);
+        cache.computed_positions += 1;
+        Ok(logits)
+    }
+
+    /// The decode step as candle operations (the reference for [`fused::decode_step`]).
+    fn decode_step(&self, cache: &mut PltCache, id: u32) -> Result<Tensor> {
         let c = &self.config;
         let pos = cache.len();
-        cache.reserve(pos + 1)?;
         let (cos, sin) = self.rope_tables(&vec![pos; cache.loops])?;
         let emb = self.embed_ids(&[id])?;
         let mut h = match &cache.carries {
@@ -458,8 +487,6 @@ impl PltModel {
             };
             cache.carries = Some(out.narrow(0, 0, loops - 1)?.contiguous()?);
         }
-        cache.tokens.push(id);
-        cache.computed_positions += 1;
         Ok(matmul(&self.lm_head, &normed.narrow(0, loops - 1, 1)?)?.squeeze(0)?)
     }
 
@@ -548,16 +575,47 @@ impl PltModel {
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
         for &p in positions {
-            for &f in &self.inv_freq {
-                let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
+            let (c, s) = self.rope_angles(p);
+            cos.extend(c);
+            sin.extend(s);
         }
         let shape = (positions.len(), half);
         let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
         Ok((cos, sin))
+    }
+
+    /// cos and sin `[head_dim/2]` of position `pos`'s angles.
+    fn rope_angles(&self, pos: usize) -> (Vec<f32>, Vec<f32>) {
+        self.inv_freq
+            .iter()
+            .map(|&f| {
+                let angle = pos as f64 * f;
+                (angle.cos() as f32, angle.sin() as f32)
+            })
+            .unzip()
+    }
+
+    /// RoPE in place on every `head_dim`-wide head of `x`, all at the angles `cos`, `sin`
+    /// (what [`Self::rope`] computes).
+    fn rope_heads(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let half = cos.len();
+        for head in x.chunks_exact_mut(2 * half) {
+            if self.rope_interleaved {
+                for (pair, (&c, &s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
+            } else {
+                let (lo, hi) = head.split_at_mut(half);
+                for ((a, b), (&c, &s)) in lo.iter_mut().zip(hi).zip(cos.iter().zip(sin)) {
+                    let (x1, x2) = (*a, *b);
+                    *a = x1 * c - x2 * s;
+                    *b = x1 * s + x2 * c;
+                }
+            }
+        }
     }
 
     fn mask_tensor(
@@ -765,37 +823,78 @@ impl DecoderLayer {
 /// near the CPU's peak; dequantizing costs one pass over the weights per chunk.
 const DEQUANTIZE_FROM_ROWS: usize = 32;
 
-/// A weight matrix: candle's (quantized or dense), and for Q4_1 plait's multi-row kernel,
-/// which unpacks each weight block once for all the rows of a decode step.
+/// A weight matrix: candle's (quantized or dense), and for Q4_1 and Q8_0 also plait's
+/// multi-row kernel, which unpacks each weight block once for all the rows of a decode step.
 #[derive(Clone)]
 struct Matrix {
     candle: QMatMul,
-    q4_1: Option<Arc<Q41Matrix>>,
+    fast: Option<FastColumns>,
+}
+
+/// Columns `cols` of a kernel matrix: matrices read from the same input (q/k/v, gate/up)
+/// share one, so the CPU decode step runs them as one product.
+#[derive(Clone)]
+struct FastColumns {
+    kernel: Arc<QuantMatrix>,
+    cols: Range<usize>,
 }
 
 impl Matrix {
     fn new(candle: QMatMul) -> Self {
-        let q4_1 = match &candle {
-            QMatMul::QTensor(t) => Q41Matrix::from_qtensor(t).map(Arc::new),
-            _ => None,
+        let [matrix] = Self::stacked([candle]);
+        matrix
+    }
+
+    /// The matrices of `parts`, sharing one kernel matrix when all are quantized in one
+    /// supported format with one row length; without a kernel otherwise.
+    fn stacked<const N: usize>(parts: [QMatMul; N]) -> [Self; N] {
+        let qtensors: Option<Vec<&QTensor>> = parts
+            .iter()
+            .map(|m| match m {
+                QMatMul::QTensor(t) => Some(t.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let kernel = qtensors.and_then(|ts| QuantMatrix::from_qtensors(&ts));
+        let Some((kernel, ranges)) = kernel else {
+            return parts.map(|candle| Self { candle, fast: None });
         };
-        Self { candle, q4_1 }
+        let kernel = Arc::new(kernel);
+        let mut ranges = ranges.into_iter();
+        parts.map(|candle| Self {
+            candle,
+            // from_qtensors gives one range per part.
+            fast: ranges.next().map(|cols| FastColumns {
+                kernel: kernel.clone(),
+                cols,
+            }),
+        })
+    }
+
+    /// `x @ w^T` on f32 rows (`rows * k`, row-major) in memory: the kernel when there is
+    /// one, else candle's forward.
+    fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        if let Some(f) = &self.fast {
+            return Ok(f.kernel.matmul(x, rows, f.cols.clone()));
+        }
+        let x = Tensor::from_slice(x, (rows, x.len() / rows.max(1)), &Device::Cpu)?;
+        Ok(self.candle.forward(&x)?.flatten_all()?.to_vec1()?)
     }
 }
 
-/// `x @ w^T`: plait's Q4_1 kernel or candle's quantized kernels for few rows (decode),
-/// one f32 GEMM for many (prefill).
+/// `x @ w^T`: plait's kernels or candle's quantized kernels for few rows (decode), one f32
+/// GEMM for many (prefill).
 fn matmul(w: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
     let rows = x.dim(0)?;
-    match (&w.candle, &w.q4_1) {
+    match (&w.candle, &w.fast) {
         (QMatMul::QTensor(q), _) if rows >= DEQUANTIZE_FROM_ROWS => {
             let dense = q.dequantize(x.device())?;
             x.matmul(&dense.t()?)
         }
-        (_, Some(fast)) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+        (_, Some(f)) if x.device().is_cpu() && x.dtype() == DType::F32 => {
             let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            let out = fast.matmul(&input, rows);
-            Tensor::from_vec(out, (rows, fast.n()), x.device())
+            let out = f.kernel.matmul(&input, rows, f.cols.clone());
+            Tensor::from_vec(out, (rows, f.cols.len()), x.device())
         }
         _ => w.candle.forward(x),
     }
