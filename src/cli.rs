@@ -5,13 +5,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use plait::config::{AppConfig, DefaultModel};
 use plait::engine::EngineOptions;
 use plait::engine::{self, GenerateRequest, Generation, StepControl};
 use plait::model::{convert_to_gguf, Quant};
 use plait::model::{ChatMessage, LoadedModel, Sampler, SamplingParams, TextTokenizer};
+use plait::model::{DeviceSpec, Placement, PltModel};
 use plait::patch::{self, ChangeKind, Edit, FileChange, Journal, PatchError};
 use plait::tui::app::Settings;
 use plait::tui::TuiOptions;
@@ -43,6 +44,29 @@ struct TuiArgs {
     /// Read this config file instead of the user's config.toml.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    /// Device to run on: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<DeviceSpec>,
+    /// Compute dtype of a safetensors checkpoint: f32, bf16 or f16 (default: f32 on the
+    /// CPU, bf16 on a GPU; GGUF models compute in f32).
+    #[arg(long, value_name = "DTYPE", value_parser = plait::model::parse_dtype)]
+    dtype: Option<DType>,
+}
+
+impl DeviceArgs {
+    /// The device given (else the CPU), opened, with the dtype given.
+    fn placement(&self) -> Result<Placement> {
+        Ok(Placement::open(
+            self.device.unwrap_or_default(),
+            self.dtype,
+        )?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -125,6 +149,16 @@ struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Bench random weights of this config.json, made on the device, instead of a model;
+    /// `loopcoder-v2` is the released LoopCoder-V2's config (14 layers x 5120).
+    #[arg(long, value_name = "CONFIG", conflicts_with = "model")]
+    synthetic: Option<String>,
+    /// Also measure the device's copy bandwidth and each decode's fraction of the ceiling
+    /// it sets (weight bytes per token / bandwidth).
+    #[arg(long)]
+    copy_bandwidth: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -138,6 +172,8 @@ struct ModelArgs {
     /// Loop count (1..=8); defaults to the checkpoint's plt_num_loops.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
     loops: Option<u8>,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -247,9 +283,11 @@ fn model_path(given: Option<&Path>) -> Result<PathBuf> {
     }
 }
 
-fn load(dir: &Path, loops: Option<u8>) -> Result<(LoadedModel, usize)> {
-    let loaded = LoadedModel::load(dir, &Device::Cpu)
+fn load(dir: &Path, args: &ModelArgs) -> Result<(LoadedModel, usize)> {
+    let placement = args.device.placement()?;
+    let loaded = LoadedModel::load_with_progress(dir, &placement, &mut |_| {})
         .with_context(|| format!("cannot load model from {}", dir.display()))?;
+    let loops = args.loops;
     let loops = loops.map_or(loaded.model.config().plt_num_loops, usize::from);
     Ok((loaded, loops))
 }
@@ -269,7 +307,7 @@ fn read_text(path: &Path) -> Result<String> {
 
 fn perplexity(args: PerplexityArgs) -> Result<()> {
     let dir = model_path(args.model.model.as_deref())?;
-    let (loaded, loops) = load(&dir, args.model.loops)?;
+    let (loaded, loops) = load(&dir, &args.model)?;
     let ids = match &args.file {
         Some(file) => tokenizer(&loaded, &dir)?.encode(&read_text(file)?, true)?,
         None => args.ids,
@@ -414,7 +452,7 @@ fn summary(out: &Generation, loops: usize, trained: usize) -> String {
 
 fn generate(args: GenerateArgs) -> Result<()> {
     let dir = &model_path(args.model.model.as_deref())?;
-    let (loaded, loops) = load(dir, args.model.loops)?;
+    let (loaded, loops) = load(dir, &args.model)?;
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(f)) => Some(read_text(f)?),
@@ -449,7 +487,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 
 fn ask(args: AskArgs) -> Result<()> {
     let dir = &model_path(args.model.model.as_deref())?;
-    let (loaded, loops) = load(dir, args.model.loops)?;
+    let (loaded, loops) = load(dir, &args.model)?;
     let tok = tokenizer(&loaded, dir)?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
@@ -494,9 +532,28 @@ fn bench(args: BenchArgs) -> Result<()> {
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let path = model_path(args.model.as_deref())?;
-    let (loaded, _) = load(&path, None)?;
-    let model = &loaded.model;
+    let placement = args.device.placement()?;
+    let (name, model) = match &args.synthetic {
+        Some(config) => (
+            format!("synthetic {config}"),
+            engine::synthetic_model(config, &placement)?,
+        ),
+        None => {
+            let path = model_path(args.model.as_deref())?;
+            let loaded = LoadedModel::load_with_progress(&path, &placement, &mut |_| {})
+                .with_context(|| format!("cannot load model from {}", path.display()))?;
+            (path.display().to_string(), loaded.model)
+        }
+    };
+    let model: &PltModel = &model;
+    // 2 GiB: long enough that timing overhead is noise even at several TB/s.
+    let bandwidth = args
+        .copy_bandwidth
+        .then(|| engine::copy_bandwidth(model.device(), 2 << 30, 5))
+        .transpose()?;
+    let weight_bytes = model.decode_weight_bytes();
+    // The decode rate at which every weight byte is read once per token at that bandwidth.
+    let ceiling = bandwidth.map(|gb_s| gb_s * 1e9 / weight_bytes as f64);
     let mut results = Vec::new();
     for &loops in &args.loops {
         results.push(engine::bench_loops(
@@ -525,12 +582,18 @@ fn bench(args: BenchArgs) -> Result<()> {
                     "token_ms_p50": r.token_ms_p50,
                     "token_ms_p90": r.token_ms_p90,
                     "kv_bytes": r.kv_bytes,
+                    "ceiling_fraction": ceiling.map(|c| r.decode_tok_s / c),
                 })
             })
             .collect();
         let out = json!({
-            "model": path.display().to_string(),
+            "model": name,
+            "device": device_name(model.device()),
+            "weights": model.weight_storage(),
             "threads": threads,
+            "decode_weight_bytes": weight_bytes,
+            "copy_gb_s": bandwidth,
+            "decode_ceiling_tok_s": ceiling,
             "results": results,
             "followup": {
                 "context_tokens": followup.context_tokens,
@@ -542,7 +605,15 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("{out}");
         return Ok(());
     }
-    println!("model {} ({threads} threads)", path.display());
+    println!(
+        "model {name} ({}) on {} ({threads} threads), {:.1} MB of weights per token",
+        model.weight_storage(),
+        device_name(model.device()),
+        weight_bytes as f64 / 1e6
+    );
+    if let (Some(gb_s), Some(ceiling)) = (bandwidth, ceiling) {
+        println!("copy bandwidth {gb_s:.1} GB/s: decode ceiling {ceiling:.1} tok/s");
+    }
     println!(
         "{:>5} {:>7} {:>5} {:>12} {:>11} {:>9} {:>8} {:>8} {:>10}",
         "loops",
@@ -577,6 +648,15 @@ fn bench(args: BenchArgs) -> Result<()> {
         followup.ttft_uncached_ms
     );
     Ok(())
+}
+
+/// `cpu`, `cuda:0`: where a model runs, for bench output.
+fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 fn convert(args: ConvertArgs) -> Result<()> {
@@ -766,6 +846,8 @@ fn tui(args: TuiArgs) -> Result<()> {
             model,
             loops: args.loops.map(usize::from).or(config.loops),
             context_size: config.context_size,
+            device: args.device.device.or(config.device).unwrap_or_default(),
+            dtype: args.device.dtype,
         },
         settings: Settings {
             sampling: config.sampling.clone(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::model::{SamplingParams, MAX_LOOPS};
+use crate::model::{DeviceSpec, SamplingParams, MAX_LOOPS};
 
 /// The default model's manifest, embedded from `assets/default-model.toml`.
 const DEFAULT_MODEL_MANIFEST: &str = include_str!("../assets/default-model.toml");
@@ -23,6 +23,10 @@ pub const LOG_FILE_NAME: &str = "plait.log";
 /// [`MAX_LOOPS`] in words, for [`RangeError::expected`] (which is static).
 const LOOPS_RANGE: &str = "1 to 8";
 const _: () = assert!(MAX_LOOPS == 8, "update LOOPS_RANGE");
+
+/// What a build without the `cuda` feature accepts as `device`, for [`RangeError::expected`].
+const DEVICE_WITHOUT_CUDA: &str =
+    "\"cpu\" (this plait was built without CUDA: build it with `--features cuda`)";
 
 /// The themes the terminal interface has.
 pub const THEMES: &[&str] = &["dark", "light"];
@@ -170,6 +174,8 @@ pub struct AppConfig {
     pub context_size: Option<usize>,
     /// CPU threads (at least 1); `None` leaves it to the runtime.
     pub threads: Option<usize>,
+    /// Device to run on (`cpu`, `cuda`, `cuda:N`); `None` is the CPU.
+    pub device: Option<DeviceSpec>,
     /// Terminal interface theme: `"dark"` or `"light"`.
     pub theme: String,
     /// Most tokens to generate for one reply.
@@ -186,6 +192,7 @@ impl Default for AppConfig {
             system_prompt: None,
             context_size: None,
             threads: None,
+            device: None,
             theme: "dark".to_owned(),
             max_tokens: 1024,
             sampling: SamplingConfig::default(),
@@ -281,6 +288,9 @@ impl AppConfig {
         }
         if let Some(threads) = self.threads.filter(|&n| n == 0) {
             return Err(fail("threads", threads, "at least 1"));
+        }
+        if let Some(device) = self.device.filter(|d| !d.is_available()) {
+            return Err(fail("device", format!("\"{device}\""), DEVICE_WITHOUT_CUDA));
         }
         if !THEMES.contains(&self.theme.as_str()) {
             return Err(fail(
@@ -893,6 +903,25 @@ mod tests {
     }
 
     #[test]
+    fn device_is_checked_and_named() {
+        assert_eq!(with(&["device=cpu"]).unwrap().device, Some(DeviceSpec::Cpu));
+        let err = file("threads = 2\ndevice = \"gpu\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("line 2") && text.contains("device"), "{text}");
+        assert!(text.contains("expected cpu, cuda or cuda:N"), "{text}");
+        let cuda = with(&["device=cuda:1"]);
+        if cfg!(feature = "cuda") {
+            assert_eq!(cuda.unwrap().device, Some(DeviceSpec::Cuda(1)));
+        } else {
+            let text = cuda.unwrap_err().to_string();
+            assert!(
+                text.contains("device") && text.contains("--features cuda"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn the_example_is_the_defaults() {
         let c = AppConfig::from_toml(Path::new("config.example.toml"), EXAMPLE, &[]).unwrap();
         assert_eq!(c, AppConfig::default());
@@ -938,7 +967,7 @@ mod tests {
                 "config.example.toml lacks `sampling.{field}`"
             );
         }
-        assert_eq!(field_names::<AppConfig>().len(), 8);
+        assert_eq!(field_names::<AppConfig>().len(), 9);
         assert_eq!(field_names::<SamplingConfig>().len(), 6);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use plait::engine::{Engine, EngineOptions, Event, Request, StopReason, TurnStats};
-use plait::model::{ChatMessage, SamplingParams};
+use plait::model::{ChatMessage, DeviceSpec, SamplingParams};
 
 fn start(loops: Option<usize>) -> (Engine, mpsc::Receiver<Event>) {
     start_with_context(loops, None)
@@ -23,6 +23,8 @@ fn start_with_context(
             model: fixture("plt-tiny-2loop"),
             loops,
             context_size,
+            device: DeviceSpec::Cpu,
+            dtype: None,
         },
         move |event| {
             let _ = tx.send(event);
@@ -148,6 +150,8 @@ fn a_missing_model_is_reported_not_a_crash() {
             model: "/no/such/model".into(),
             loops: None,
             context_size: None,
+            device: DeviceSpec::Cpu,
+            dtype: None,
         },
         move |event| {
             let _ = tx.send(event);

@@ -41,8 +41,7 @@ fn full_forward_matches_the_oracle_at_every_loop_count() {
 
 #[test]
 fn nll_and_greedy_ids_match_the_oracle() {
-    use plait::engine::{self, GenerateRequest, StepControl};
-    use plait::model::{Sampler, SamplingParams};
+    use plait::engine;
     for name in FIXTURES {
         let model = load(name);
         let exp = expected(name);
@@ -58,19 +57,8 @@ fn nll_and_greedy_ids_match_the_oracle() {
                 score.nll
             );
             assert_eq!(score.scored, seq.len() - 1);
-            let mut cache = model.new_cache(loops).unwrap();
-            let mut sampler = Sampler::new(SamplingParams::default());
-            let request = GenerateRequest {
-                prompt: &prompt,
-                max_tokens: 12,
-                stop_ids: &[],
-            };
-            let out = engine::generate(&model, &mut cache, &mut sampler, &request, &mut |_| {
-                StepControl::Continue
-            })
-            .unwrap();
             assert_eq!(
-                out.ids,
+                greedy(&model, &prompt, loops, 12),
                 ids(&want["greedy_from_prompt"]),
                 "{name} loops {loops}"
             );

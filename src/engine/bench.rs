@@ -2,7 +2,25 @@
 
 use std::time::{Duration, Instant};
 
-use crate::model::{Logits, ModelError, PltModel, Result, Sampler, SamplingParams};
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{
+    Logits, ModelError, Placement, PltConfig, PltModel, Result, Sampler, SamplingParams,
+};
+
+/// The released LoopCoder-V2 checkpoint's config.json (from the model contract).
+const LOOPCODER_V2_CONFIG: &str = include_str!("../../assets/loopcoder-v2-config.json");
+
+/// A model with random weights on the placement's device, for speed figures of a checkpoint
+/// one does not have: `config` is a config.json path, or `loopcoder-v2` for the released one.
+pub fn synthetic_model(config: &str, placement: &Placement) -> Result<PltModel> {
+    let config = if config == "loopcoder-v2" {
+        PltConfig::from_json(LOOPCODER_V2_CONFIG, std::path::Path::new("loopcoder-v2"))?
+    } else {
+        PltConfig::from_file(std::path::Path::new(config))?
+    };
+    PltModel::synthetic(config, placement)
+}
 
 /// Figures for one loop count.
 #[derive(Debug, Clone, PartialEq)]
@@ -85,14 +103,16 @@ pub fn bench_loops(
     let logits = model
         .prefill(&mut cache, &prompt, Logits::Last)?
         .ok_or(ModelError::EmptyInput)?;
+    // A GPU runs the queued work after prefill returns; wait for it (a no-op on the CPU).
+    model.device().synchronize()?;
     let prefill = started.elapsed();
-    let mut next = sampler.sample(&logits.to_vec1::<f32>()?, &[]);
+    let mut next = sampler.sample_tensor(&logits, &[])?;
     let ttft = started.elapsed();
     let mut steps = Vec::with_capacity(gen_tokens);
     for _ in 0..gen_tokens {
         let step = Instant::now();
         let logits = model.decode(&mut cache, next)?;
-        next = sampler.sample(&logits.to_vec1::<f32>()?, &[]);
+        next = sampler.sample_tensor(&logits, &[])?;
         steps.push(step.elapsed());
     }
     let decode_total: Duration = steps.iter().sum();
@@ -132,7 +152,7 @@ pub fn bench_followup(
     let mut time_to_first = |cache: &mut crate::model::PltCache| -> Result<f64> {
         let started = Instant::now();
         let (logits, _) = model.prefill_reusing(cache, &whole, &mut |_, _| {})?;
-        sampler.sample(&logits.to_vec1::<f32>()?, &[]);
+        sampler.sample_tensor(&logits, &[])?;
         Ok(ms(started.elapsed()))
     };
     let mut kept = model.new_cache(loops)?;
@@ -145,4 +165,53 @@ pub fn bench_followup(
         ttft_cached_ms,
         ttft_uncached_ms,
     })
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read plus bytes written per second, best
+/// of `repeats` copies of a `bytes` buffer): the memory ceiling a decode step is held to.
+pub fn copy_bandwidth(device: &Device, bytes: usize, repeats: usize) -> Result<f64> {
+    let source = Tensor::zeros(bytes, DType::U8, device)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) + 1 {
+        device.synchronize()?;
+        let started = Instant::now();
+        let copy = source.copy()?;
+        device.synchronize()?;
+        best = best.min(started.elapsed().as_secs_f64());
+        drop(copy);
+    }
+    Ok(2.0 * bytes as f64 / best / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loopcoder_v2_config_has_the_contracts_shape() {
+        let c = PltConfig::from_json(LOOPCODER_V2_CONFIG, std::path::Path::new("x")).unwrap();
+        assert_eq!((c.num_hidden_layers, c.hidden_size), (14, 5120));
+        assert_eq!((c.plt_num_loops, c.plt_window), (2, 64));
+        assert!(c.plt_gate_use_hidden_states && c.plt_normalize_per_loop);
+    }
+
+    #[test]
+    fn a_synthetic_model_runs_and_counts_its_bytes() {
+        let config = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/plt-tiny-2loop/config.json"
+        );
+        let model = synthetic_model(config, &Placement::new(Device::Cpu, None)).unwrap();
+        let result = bench_loops(&model, 2, 8, 4).unwrap();
+        assert_eq!(result.gen_tokens, 4);
+        let c = model.config();
+        // f32: more than the layers' matrices, less than all weights plus the embedding.
+        let floor = 4 * c.num_hidden_layers * 3 * c.hidden_size * c.intermediate_size;
+        let bytes = model.decode_weight_bytes() as usize;
+        assert!(
+            bytes > floor && bytes < 4 * model.parameter_count() as usize,
+            "{bytes}"
+        );
+        assert!(copy_bandwidth(&Device::Cpu, 1 << 20, 2).unwrap() > 0.0);
+    }
 }

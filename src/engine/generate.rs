@@ -100,7 +100,7 @@ pub fn generate(
         if ids.len() == request.max_tokens {
             break StopReason::MaxTokens;
         }
-        let next = sampler.sample(&logits.to_vec1::<f32>()?, &history);
+        let next = sampler.sample_tensor(&logits, &history)?;
         if ids.is_empty() {
             metrics.time_to_first_token = started.elapsed();
         } else {

@@ -7,7 +7,10 @@ mod metrics;
 mod protocol;
 mod worker;
 
-pub use bench::{bench_followup, bench_ids, bench_loops, FollowupBench, LoopBench};
+pub use bench::{
+    bench_followup, bench_ids, bench_loops, copy_bandwidth, synthetic_model, FollowupBench,
+    LoopBench,
+};
 pub use generate::{
     generate, score, GenerateRequest, Generation, GenerationObserver, Score, StepControl,
     StopReason,

@@ -5,10 +5,11 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::DType;
 
 use crate::model::{
-    ChatMessage, LoadedModel, ModelError, PltCache, Result, Sampler, TextTokenizer,
+    ChatMessage, DeviceSpec, LoadedModel, ModelError, Placement, PltCache, Result, Sampler,
+    TextTokenizer,
 };
 
 use super::generate::{generate, GenerateRequest, GenerationObserver, StepControl};
@@ -23,6 +24,10 @@ pub struct EngineOptions {
     pub loops: Option<usize>,
     /// Most positions a conversation may take (default, and at most: the model's).
     pub context_size: Option<usize>,
+    /// Where the model runs.
+    pub device: DeviceSpec,
+    /// Compute dtype of a safetensors checkpoint (default: the device's).
+    pub dtype: Option<DType>,
 }
 
 /// The UI's side of the engine: send requests; events arrive through the sink given to `spawn`.
@@ -90,8 +95,10 @@ fn context_size(loaded: &LoadedModel, options: &EngineOptions) -> usize {
 
 fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
     sink(Event::Loading(0.0));
-    let loaded = match LoadedModel::load_with_progress(&options.model, &Device::Cpu, &mut |p| {
-        sink(Event::Loading(p))
+    let loaded = match Placement::open(options.device, options.dtype).and_then(|placement| {
+        LoadedModel::load_with_progress(&options.model, &placement, &mut |p| {
+            sink(Event::Loading(p))
+        })
     }) {
         Ok(loaded) => loaded,
         Err(e) => {

@@ -6,6 +6,7 @@ use candle_core::Device;
 
 use super::chat::{ChatTemplate, CHATML_TEMPLATE};
 use super::config::generation_eos_ids;
+use super::device::Placement;
 use super::error::Result;
 use super::gguf::GgufWeights;
 use super::gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
@@ -25,21 +26,22 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads a checkpoint directory in the LoopCoder-V2 layout, or a `.gguf` file.
+    /// Loads a checkpoint directory in the LoopCoder-V2 layout, or a `.gguf` file, in the
+    /// device's default dtype.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        Self::load_with_progress(dir, device, &mut |_| {})
+        Self::load_with_progress(dir, &Placement::new(device.clone(), None), &mut |_| {})
     }
 
-    /// `load`, reporting the fraction of the weights loaded.
+    /// `load` onto a placement, reporting the fraction of the weights loaded.
     pub fn load_with_progress(
         dir: &Path,
-        device: &Device,
+        placement: &Placement,
         progress: &mut dyn FnMut(f32),
     ) -> Result<Self> {
         if dir.is_file() {
-            return Self::load_gguf(dir, device, progress);
+            return Self::load_gguf(dir, &placement.device, progress);
         }
-        let model = PltModel::load_with_progress(dir, device, progress)?;
+        let model = PltModel::load_with_progress(dir, placement, progress)?;
         let config = TokenizerConfig::from_dir(dir)?;
         let tokenizer = TextTokenizer::from_dir(dir, &config)?;
         let template = ChatTemplate::from_dir(dir, &config)?;

@@ -138,6 +138,9 @@ pub enum ModelError {
         /// max_position_embeddings.
         max: usize,
     },
+    /// The device asked for cannot be used.
+    #[error("{0}")]
+    Device(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -10,10 +10,11 @@ use candle_nn::ops::{rms_norm, sigmoid, softmax_last_dim};
 
 use super::cache::{CacheShape, PltCache};
 use super::config::PltConfig;
+use super::device::Placement;
 use super::error::{ModelError, Result, MAX_LOOPS};
 use super::gguf::GgufWeights;
 use super::kernels::QuantMatrix;
-use super::weights::{Checkpoint, SafetensorsWeights, WeightSource};
+use super::weights::{Checkpoint, RandomWeights, SafetensorsWeights, WeightSource};
 
 mod fused;
 
@@ -99,17 +100,19 @@ pub struct PltModel {
 const IDENTITY_GATE_BIAS: f32 = 60.0;
 
 impl PltModel {
-    /// Loads a checkpoint directory (config.json + safetensors) or a `.gguf` file onto `device`.
+    /// Loads a checkpoint directory (config.json + safetensors) or a `.gguf` file onto
+    /// `device`, in its default dtype (f32 on the CPU, bf16 on an accelerator).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        Self::load_with_progress(path, device, &mut |_| {})
+        Self::load_with_progress(path, &Placement::new(device.clone(), None), &mut |_| {})
     }
 
-    /// `load`, reporting the fraction of layers loaded.
+    /// `load` onto a placement, reporting the fraction of layers loaded.
     pub fn load_with_progress(
         path: &Path,
-        device: &Device,
+        placement: &Placement,
         progress: &mut dyn FnMut(f32),
     ) -> Result<Self> {
+        let device = &placement.device;
         if path.is_file() {
             return Self::from_gguf(&mut GgufWeights::open(path, device)?, device, progress);
         }
@@ -120,14 +123,17 @@ impl PltModel {
             });
         }
         let config = PltConfig::from_file(&path.join("config.json"))?;
-        // CPU computes in f32; an accelerator keeps the half-precision weights.
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        };
+        let dtype = placement.dtype;
         let mut checkpoint = SafetensorsWeights::new(Checkpoint::open(path)?, dtype, device);
         Self::from_source(config, &mut checkpoint, device, dtype, progress)
+    }
+
+    /// A model of `config` with random weights made on the device, for benchmarks (speed
+    /// does not depend on the values).
+    pub fn synthetic(config: PltConfig, placement: &Placement) -> Result<Self> {
+        let mut source = RandomWeights::new(placement);
+        let (device, dtype) = (&placement.device, placement.dtype);
+        Self::from_source(config, &mut source, device, dtype, &mut |_| {})
     }
 
     /// Loads the model of an opened GGUF file; quantized matrices stay quantized.
@@ -247,17 +253,7 @@ impl PltModel {
 
     /// Number of weights (matrices, norms and gates).
     pub fn parameter_count(&self) -> u64 {
-        let matrices = self.layers.iter().flat_map(|l| {
-            [
-                &l.q_proj,
-                &l.k_proj,
-                &l.v_proj,
-                &l.o_proj,
-                &l.gate_proj,
-                &l.up_proj,
-                &l.down_proj,
-            ]
-        });
+        let matrices = self.layers.iter().flat_map(DecoderLayer::matrices);
         let vectors = self
             .layers
             .iter()
@@ -272,6 +268,39 @@ impl PltModel {
             + matrix_elems(&self.embed)
             + head
             + self.norm.elem_count()) as u64
+    }
+
+    /// Bytes of weights a decode step reads: every matrix, norm and gate, the head, and one
+    /// embedding row (the bound a memory-bandwidth-limited decode step cannot beat).
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let matrix = |m: &Matrix| match &m.candle {
+            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => bytes(t),
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let gate = match &l.plt_gate {
+                    Some(PltGate::HiddenState { weight, bias, norm }) => {
+                        matrix(weight) + bytes(bias) + bytes(norm)
+                    }
+                    Some(PltGate::Query { weight, bias }) => bytes(weight) + bytes(bias),
+                    None => 0,
+                };
+                l.matrices().into_iter().map(matrix).sum::<usize>()
+                    + gate
+                    + bytes(&l.input_norm)
+                    + bytes(&l.post_attention_norm)
+            })
+            .sum();
+        let vocab = self.config.vocab_size.max(1);
+        let embed_row = match &self.embed {
+            QMatMul::QTensor(t) => t.storage_size_in_bytes() / vocab,
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => bytes(t) / vocab,
+        };
+        (layers + matrix(&self.lm_head) + bytes(&self.norm) + embed_row) as u64
     }
 
     /// How the layers' weight matrices are stored ("F32", "Q4_1", ...).
@@ -426,11 +455,14 @@ impl PltModel {
                 new_carries.push(out.narrow(0, rows - 1, 1)?);
                 prev_out = Some(out);
             } else {
+                // Logits are f32 whatever the compute dtype (a no-op on the f32 path).
                 logits = match logits_wanted {
                     Logits::None => None,
                     Logits::Last => Some(matmul(&self.lm_head, &normed.narrow(0, rows - 1, 1)?)?),
                     Logits::All => Some(matmul(&self.lm_head, &normed)?),
-                };
+                }
+                .map(|l| l.to_dtype(DType::F32))
+                .transpose()?;
             }
         }
         if !new_carries.is_empty() {
@@ -487,7 +519,8 @@ impl PltModel {
             };
             cache.carries = Some(out.narrow(0, 0, loops - 1)?.contiguous()?);
         }
-        Ok(matmul(&self.lm_head, &normed.narrow(0, loops - 1, 1)?)?.squeeze(0)?)
+        let logits = matmul(&self.lm_head, &normed.narrow(0, loops - 1, 1)?)?;
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
     }
 
     /// Drops cached positions from `len` on; loops >= 1 are rebuilt to match a fresh run.
@@ -800,6 +833,19 @@ impl PltModel {
 }
 
 impl DecoderLayer {
+    /// The layer's seven projection matrices (not the gate's).
+    fn matrices(&self) -> [&Matrix; 7] {
+        [
+            &self.q_proj,
+            &self.k_proj,
+            &self.v_proj,
+            &self.o_proj,
+            &self.gate_proj,
+            &self.up_proj,
+            &self.down_proj,
+        ]
+    }
+
     /// Per-row, per-head gate `[rows, heads]` of loops >= 1.
     fn gate(&self, r: &Tensor, q: &Tensor, eps: f64) -> Result<Tensor> {
         let logits = match &self.plt_gate {
@@ -814,7 +860,8 @@ impl DecoderLayer {
             // check_loops refuses more than one loop without gates, so no row reaches here.
             None => return Err(ModelError::NoPltGates(2)),
         };
-        Ok(sigmoid(&logits)?)
+        // The sigmoid in f32 also in half precision (on the f32 path both casts are no-ops).
+        Ok(sigmoid(&logits.to_dtype(DType::F32)?)?.to_dtype(r.dtype())?)
     }
 }
 
@@ -851,7 +898,8 @@ impl Matrix {
         let qtensors: Option<Vec<&QTensor>> = parts
             .iter()
             .map(|m| match m {
-                QMatMul::QTensor(t) => Some(t.as_ref()),
+                // The kernel is a CPU one; on a GPU it would only copy the weights to the host.
+                QMatMul::QTensor(t) if t.device().is_cpu() => Some(t.as_ref()),
                 _ => None,
             })
             .collect();

@@ -1,7 +1,10 @@
 //! Choosing the next token from logits: greedy or seeded sampling with the usual filters.
 
+use candle_core::{Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use super::error::Result;
 
 /// How to pick tokens; the defaults are greedy decoding. Deserializes from config files
 /// (missing fields take the defaults, unknown ones are refused).
@@ -51,6 +54,20 @@ impl Sampler {
     /// The settings this sampler uses.
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// Picks the next token from a `[vocab]` logits tensor on any device.
+    ///
+    /// Greedy decoding off the CPU takes the argmax on the device, so a decode step sends
+    /// only the token id back to the host. Every other setting (a temperature, a repetition
+    /// penalty) copies the row of f32 logits to the host, 4 * vocab bytes per token, and
+    /// samples there; so does the CPU, where that costs nothing.
+    pub fn sample_tensor(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
+        let p = &self.params;
+        if !logits.device().is_cpu() && p.temperature <= 0.0 && p.repetition_penalty == 1.0 {
+            return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
+        }
+        Ok(self.sample(&logits.to_vec1::<f32>()?, history))
     }
 
     /// Picks the next token from `logits`, given the tokens of the sequence so far.

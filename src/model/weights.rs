@@ -8,6 +8,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::device::Placement;
 use super::error::{ModelError, Result};
 
 /// The weights of a checkpoint directory, memory-mapped, not yet loaded.
@@ -201,5 +202,45 @@ impl WeightSource for SafetensorsWeights {
 
     fn contains(&self, name: &str) -> bool {
         self.checkpoint.shape(name).is_some()
+    }
+}
+
+/// Random weights made on the device, for benchmarks of checkpoints one does not have:
+/// matrices N(0, 0.02) (the usual init scale, so activations stay finite), norms 1, biases 0.
+pub(crate) struct RandomWeights {
+    dtype: DType,
+    device: Device,
+}
+
+impl RandomWeights {
+    /// Weights in `placement`'s dtype on its device (unseeded: speed does not depend on them).
+    pub(crate) fn new(placement: &Placement) -> Self {
+        Self {
+            dtype: placement.dtype,
+            device: placement.device.clone(),
+        }
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn matrix(&mut self, _name: &str, shape: &[usize]) -> Result<QMatMul> {
+        // Drawn in f32 (not every backend draws half precision) and converted at once.
+        let t = Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok(QMatMul::Tensor(t))
+    }
+
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = if name.ends_with("bias") {
+            Tensor::zeros(shape, self.dtype, &self.device)?
+        } else if name.ends_with("norm.weight") {
+            Tensor::ones(shape, self.dtype, &self.device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(self.dtype)?
+        };
+        Ok(t)
+    }
+
+    fn contains(&self, _name: &str) -> bool {
+        true
     }
 }

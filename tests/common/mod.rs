@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use plait::engine::{self, GenerateRequest, StepControl};
+use plait::model::{PltModel, Sampler, SamplingParams};
 
 /// The fixture checkpoints copied from ../shared/fixtures.
 pub const FIXTURES: [&str; 2] = ["plt-tiny-2loop", "plt-tiny-3loop-bf16"];
@@ -95,4 +97,20 @@ pub fn plait(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `max_tokens` greedy ids after `prompt` at `loops` loops, from a fresh cache, no stop ids.
+pub fn greedy(model: &PltModel, prompt: &[u32], loops: usize, max_tokens: usize) -> Vec<u32> {
+    let mut cache = model.new_cache(loops).unwrap();
+    let mut sampler = Sampler::new(SamplingParams::default());
+    let request = GenerateRequest {
+        prompt,
+        max_tokens,
+        stop_ids: &[],
+    };
+    engine::generate(model, &mut cache, &mut sampler, &request, &mut |_| {
+        StepControl::Continue
+    })
+    .unwrap()
+    .ids
 }

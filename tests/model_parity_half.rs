@@ -1,0 +1,147 @@
+//! The fixture comparisons of model_parity.rs in half precision, on `PLAIT_TEST_DEVICE`
+//! (`cpu` by default; `cuda` or `cuda:N` in a `--features cuda` build) and
+//! `PLAIT_TEST_DTYPE` (`bf16` by default, or `f16`).
+//!
+//! Tolerances, against the f32 oracle: the weights of both fixtures are exact in bf16 (one
+//! is stored so; the other's bf16 rounding is part of what is measured), activations are
+//! rounded to bf16 after every operation (8 significant bits: a relative step of 2^-8), and
+//! the matmuls, norms and softmaxes accumulate in f32. The logits are O(10), so the last
+//! rounding alone is up to 0.04; a few dozen roundings through 3 layers and up to 3 loops add
+//! up, and the f32 path's 1e-3 becomes LOGIT_TOL below (what the CPU's bf16 path measures,
+//! about 0.2, with margin for the GPU's other summation order). The nll is a mean over the
+//! sequence, so its errors partly cancel: NLL_TOL.
+
+mod common;
+
+use candle_core::DType;
+use common::*;
+use plait::engine;
+use plait::model::{parse_dtype, DeviceSpec, Logits, Placement, PltModel};
+
+/// Largest absolute logit difference from the f32 oracle allowed in half precision.
+const LOGIT_TOL: f32 = 0.5;
+/// Largest nll difference from the oracle allowed in half precision.
+const NLL_TOL: f64 = 0.02;
+
+fn placement() -> Placement {
+    let device: DeviceSpec = std::env::var("PLAIT_TEST_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .unwrap();
+    let dtype =
+        parse_dtype(&std::env::var("PLAIT_TEST_DTYPE").unwrap_or_else(|_| "bf16".into())).unwrap();
+    assert_ne!(dtype, DType::F32, "model_parity.rs covers f32");
+    Placement::open(device, Some(dtype)).unwrap()
+}
+
+fn load(name: &str) -> PltModel {
+    let model = PltModel::load_with_progress(&fixture(name), &placement(), &mut |_| {}).unwrap();
+    assert_eq!(
+        model.weight_storage(),
+        placement().dtype.as_str().to_uppercase()
+    );
+    model
+}
+
+fn check_rows(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], from: usize) {
+    for (i, g) in got.iter().enumerate() {
+        let d = max_diff(g, &want[from + i]);
+        assert!(d < LOGIT_TOL, "{what} position {}: max diff {d}", from + i);
+    }
+}
+
+#[test]
+fn full_forward_and_nll_match_the_oracle_in_half_precision() {
+    for name in FIXTURES {
+        let model = load(name);
+        let exp = expected(name);
+        let seq = ids(&exp["sequence_ids"]);
+        for loops in 1..=3 {
+            let mut cache = model.new_cache(loops).unwrap();
+            let got = model
+                .prefill(&mut cache, &seq, Logits::All)
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.dtype(), DType::F32, "logits come back as f32");
+            let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
+            check_rows(
+                &format!("{name} loops {loops}"),
+                &got,
+                &expected_logits(name, loops),
+                0,
+            );
+            let nll = exp[format!("loops{loops}")]["nll"].as_f64().unwrap();
+            let score = engine::score(&model, &seq, loops).unwrap();
+            assert!(
+                (score.nll - nll).abs() < NLL_TOL,
+                "{name} loops {loops}: nll {} vs {nll}",
+                score.nll
+            );
+        }
+    }
+}
+
+#[test]
+fn decode_and_loop_changes_on_the_device_match_the_oracle() {
+    for name in FIXTURES {
+        let model = load(name);
+        let seq = ids(&expected(name)["sequence_ids"]);
+        let oracle: Vec<Vec<Vec<f32>>> = (1..=3).map(|l| expected_logits(name, l)).collect();
+        let window = model.config().plt_window;
+        // A prefix past the window, then one decode step per token, changing the loop count
+        // on the way (a rise rebuilds loops >= 1 from loop 0's cache, on the device).
+        let start = window + 2;
+        let schedule = [(30, 3), (45, 1), (60, 2)];
+        let mut loops = model.config().plt_num_loops.min(3);
+        let mut cache = model.new_cache(loops).unwrap();
+        let first = model
+            .prefill(&mut cache, &seq[..start], Logits::All)
+            .unwrap()
+            .unwrap();
+        check_rows(name, &first.to_vec2().unwrap(), &oracle[loops - 1], 0);
+        for (pos, &id) in seq.iter().enumerate().skip(start) {
+            if let Some(&(_, l)) = schedule.iter().find(|(at, _)| *at == pos) {
+                model.set_loops(&mut cache, l).unwrap();
+                loops = l;
+            }
+            let got = row(&model.decode(&mut cache, id).unwrap());
+            let d = max_diff(&got, &oracle[loops - 1][pos]);
+            assert!(
+                d < LOGIT_TOL,
+                "{name} decode position {pos} at {loops} loops: {d}"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_tokens_are_the_argmax_of_the_devices_own_logits() {
+    for name in FIXTURES {
+        let model = load(name);
+        let prompt = ids(&expected(name)["prompt_ids"]);
+        for loops in 1..=3 {
+            // Greedy sampling takes the argmax on the device (off the CPU) during decode.
+            let out = greedy(&model, &prompt, loops, 12);
+            assert_eq!(out.len(), 12);
+            // Each token must be a best logit of a fresh full forward over what came before:
+            // the two paths sum in other orders, so a near tie may go either way.
+            let whole = [prompt.as_slice(), &out].concat();
+            let mut fresh = model.new_cache(loops).unwrap();
+            let all: Vec<Vec<f32>> = model
+                .prefill(&mut fresh, &whole, Logits::All)
+                .unwrap()
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (i, &id) in out.iter().enumerate() {
+                let logits = &all[prompt.len() - 1 + i];
+                let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert!(
+                    logits[id as usize] > best - LOGIT_TOL,
+                    "{name} loops {loops} token {i}: {id} scores {} below the best {best}",
+                    logits[id as usize]
+                );
+            }
+        }
+    }
+}
