@@ -20,7 +20,8 @@
 # libcuda.so (soname libcuda.so.1, one dummy function per driver entry point cudarc declares)
 # in lib/stubs/, where a toolkit keeps its own stub and cudarc's build script looks for it.
 # At run time the binary loads the driver's real libcuda.so.1; the stub is never on
-# LD_LIBRARY_PATH. The other libraries (cudart, cublas, cublasLt, curand, nvrtc) come from
+# LD_LIBRARY_PATH. So a `--features cuda` binary starts only where a driver is installed,
+# even for `--device cpu` (the default build is the one for machines without a GPU). The other libraries (cudart, cublas, cublasLt, curand, nvrtc) come from
 # the wheels and are needed at run time as well: `source <(scripts/build-cuda.sh env)`.
 #
 # Settings (environment): CUDA_ROOT (an existing toolkit; nothing is installed),

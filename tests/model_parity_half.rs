@@ -2,14 +2,15 @@
 //! (`cpu` by default; `cuda` or `cuda:N` in a `--features cuda` build) and
 //! `PLAIT_TEST_DTYPE` (`bf16` by default, or `f16`).
 //!
-//! Tolerances, against the f32 oracle: the weights of both fixtures are exact in bf16 (one
-//! is stored so; the other's bf16 rounding is part of what is measured), activations are
-//! rounded to bf16 after every operation (8 significant bits: a relative step of 2^-8), and
-//! the matmuls, norms and softmaxes accumulate in f32. The logits are O(10), so the last
-//! rounding alone is up to 0.04; a few dozen roundings through 3 layers and up to 3 loops add
-//! up, and the f32 path's 1e-3 becomes LOGIT_TOL below (what the CPU's bf16 path measures,
-//! about 0.2, with margin for the GPU's other summation order). The nll is a mean over the
-//! sequence, so its errors partly cancel: NLL_TOL.
+//! Tolerances, against the f32 oracle, are counted in steps of the dtype's precision (2^-8
+//! for bf16, 2^-11 for f16): activations are rounded to it after every operation (matmuls,
+//! norms and softmaxes accumulate in f32), and plt-tiny-2loop's f32 weights are rounded to
+//! it at load (plt-tiny-3loop-bf16's are exact in bf16). Measured on the CPU's half paths,
+//! the largest logit error (logits are O(10)) is about 115 steps for plt-tiny-3loop-bf16 and
+//! 850 for plt-tiny-2loop (at 3 loops, past its trained 2), the same count in bf16 and in
+//! f16: the error is rounding, not a wrong operation, which would not shrink 8x with 3 more
+//! bits. In bf16 that is 0.45 and 3.3. The bounds below leave 1.5x for a GPU's other
+//! summation order. The nll, a mean over the sequence, measured up to 8 steps.
 
 mod common;
 
@@ -18,10 +19,29 @@ use common::*;
 use plait::engine;
 use plait::model::{parse_dtype, DeviceSpec, Logits, Placement, PltModel};
 
-/// Largest absolute logit difference from the f32 oracle allowed in half precision.
-const LOGIT_TOL: f32 = 0.5;
-/// Largest nll difference from the oracle allowed in half precision.
-const NLL_TOL: f64 = 0.02;
+/// The relative precision step of a half dtype.
+fn step(dtype: DType) -> f32 {
+    if dtype == DType::F16 {
+        2f32.powi(-11)
+    } else {
+        2f32.powi(-8)
+    }
+}
+
+/// Largest logit difference from the f32 oracle allowed for a fixture (see the top).
+fn logit_tol(name: &str) -> f32 {
+    let steps = if name.ends_with("bf16") {
+        200.0
+    } else {
+        1300.0
+    };
+    steps * step(placement().dtype)
+}
+
+/// Largest nll difference from the oracle allowed.
+fn nll_tol() -> f64 {
+    f64::from(12.0 * step(placement().dtype))
+}
 
 fn placement() -> Placement {
     let device: DeviceSpec = std::env::var("PLAIT_TEST_DEVICE")
@@ -43,10 +63,13 @@ fn load(name: &str) -> PltModel {
     model
 }
 
-fn check_rows(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], from: usize) {
-    for (i, g) in got.iter().enumerate() {
-        let d = max_diff(g, &want[from + i]);
-        assert!(d < LOGIT_TOL, "{what} position {}: max diff {d}", from + i);
+fn check_rows(name: &str, what: &str, got: &[Vec<f32>], want: &[Vec<f32>]) {
+    for (pos, (g, w)) in got.iter().zip(want).enumerate() {
+        let d = max_diff(g, w);
+        assert!(
+            d < logit_tol(name),
+            "{name} {what} position {pos}: max diff {d}"
+        );
     }
 }
 
@@ -65,15 +88,15 @@ fn full_forward_and_nll_match_the_oracle_in_half_precision() {
             assert_eq!(got.dtype(), DType::F32, "logits come back as f32");
             let got: Vec<Vec<f32>> = got.to_vec2().unwrap();
             check_rows(
-                &format!("{name} loops {loops}"),
+                name,
+                &format!("loops {loops}"),
                 &got,
                 &expected_logits(name, loops),
-                0,
             );
             let nll = exp[format!("loops{loops}")]["nll"].as_f64().unwrap();
             let score = engine::score(&model, &seq, loops).unwrap();
             assert!(
-                (score.nll - nll).abs() < NLL_TOL,
+                (score.nll - nll).abs() < nll_tol(),
                 "{name} loops {loops}: nll {} vs {nll}",
                 score.nll
             );
@@ -98,7 +121,12 @@ fn decode_and_loop_changes_on_the_device_match_the_oracle() {
             .prefill(&mut cache, &seq[..start], Logits::All)
             .unwrap()
             .unwrap();
-        check_rows(name, &first.to_vec2().unwrap(), &oracle[loops - 1], 0);
+        check_rows(
+            name,
+            "prefill",
+            &first.to_vec2().unwrap(),
+            &oracle[loops - 1],
+        );
         for (pos, &id) in seq.iter().enumerate().skip(start) {
             if let Some(&(_, l)) = schedule.iter().find(|(at, _)| *at == pos) {
                 model.set_loops(&mut cache, l).unwrap();
@@ -107,7 +135,7 @@ fn decode_and_loop_changes_on_the_device_match_the_oracle() {
             let got = row(&model.decode(&mut cache, id).unwrap());
             let d = max_diff(&got, &oracle[loops - 1][pos]);
             assert!(
-                d < LOGIT_TOL,
+                d < logit_tol(name),
                 "{name} decode position {pos} at {loops} loops: {d}"
             );
         }
@@ -124,7 +152,8 @@ fn greedy_tokens_are_the_argmax_of_the_devices_own_logits() {
             let out = greedy(&model, &prompt, loops, 12);
             assert_eq!(out.len(), 12);
             // Each token must be a best logit of a fresh full forward over what came before:
-            // the two paths sum in other orders, so a near tie may go either way.
+            // the two paths sum in other orders, so a near tie may go either way. (They are
+            // not all the oracle's greedy ids: in bf16 about a third differ, at near ties.)
             let whole = [prompt.as_slice(), &out].concat();
             let mut fresh = model.new_cache(loops).unwrap();
             let all: Vec<Vec<f32>> = model
@@ -137,7 +166,7 @@ fn greedy_tokens_are_the_argmax_of_the_devices_own_logits() {
                 let logits = &all[prompt.len() - 1 + i];
                 let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 assert!(
-                    logits[id as usize] > best - LOGIT_TOL,
+                    logits[id as usize] > best - logit_tol(name),
                     "{name} loops {loops} token {i}: {id} scores {} below the best {best}",
                     logits[id as usize]
                 );
