@@ -394,6 +394,13 @@ impl App {
         self.cells.push(Cell::new(Role::Notice, text));
     }
 
+    /// The files the model is shown: the context files, then those attached to messages.
+    fn shown_files(&self) -> impl Iterator<Item = &(PathBuf, String)> {
+        self.files
+            .iter()
+            .chain(self.cells.iter().flat_map(|c| &c.attachments))
+    }
+
     /// The slash commands that match what is typed, when the input is a command name.
     pub fn completions(&self) -> Vec<&'static (&'static str, &'static str)> {
         if !self.input.starts_with('/') || self.input.contains(char::is_whitespace) {
@@ -586,11 +593,8 @@ fn infer(app: &mut App) -> Vec<Effect> {
     let Some(cell) = app.cells.iter().rev().find(|c| c.role == Role::Assistant) else {
         return Vec::new();
     };
-    let shown = app
-        .files
-        .iter()
-        .chain(app.cells.iter().flat_map(|c| &c.attachments));
-    let context: Vec<(String, String)> = shown
+    let context: Vec<(String, String)> = app
+        .shown_files()
         .map(|(path, text)| (path_key(path), text.clone()))
         .collect();
     if context.is_empty() {
@@ -962,11 +966,8 @@ fn start_answer(app: &mut App) -> Vec<Effect> {
     app.readout.turn_decode_time = Duration::ZERO;
     app.edits_seen = 0;
     // What the model is shown now is what its edits are checked against when applied.
-    let shown = app
-        .files
-        .iter()
-        .chain(app.cells.iter().flat_map(|c| &c.attachments));
-    app.reply_hashes = shown
+    app.reply_hashes = app
+        .shown_files()
         .map(|(path, text)| (path_key(path), content_hash(text.as_bytes())))
         .collect();
     let mut messages = app.messages();
@@ -1161,7 +1162,11 @@ fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
             r.state = EngineState::Generating;
             if let Some(cell) = streaming_cell(app) {
                 cell.text.push_str(&text);
-                return propose_edits(app, false);
+                // Only a token with a backtick can close a fence: the reply is parsed
+                // again only then, not on every token.
+                if text.contains('`') {
+                    return propose_edits(app, false);
+                }
             }
         }
         EngineEvent::LoopsChanged(n) => r.loops = n,

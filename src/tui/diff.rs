@@ -18,11 +18,26 @@ fn tints(theme: Theme) -> (Color, Color) {
 
 /// The pane's lines and the index of the selected hunk's header among them.
 pub fn diff_lines(
-    review: &Review,
+    review: &mut Review,
     highlighter: &Highlighter,
     color: bool,
 ) -> (Vec<Line<'static>>, usize) {
     let theme = highlighter.ui_theme();
+    if review.highlighted.is_none() {
+        let code = review
+            .changes
+            .iter()
+            .flat_map(|change| {
+                change
+                    .hunks
+                    .iter()
+                    .map(|hunk| highlighted(hunk, &change.path, highlighter, color))
+            })
+            .collect();
+        review.highlighted = Some(code);
+    }
+    let review = &*review;
+    let code = review.highlighted.as_deref().unwrap_or_default();
     let fg = |c: Color| {
         if color {
             Style::default().fg(theme.adapt(c))
@@ -72,8 +87,7 @@ pub fn diff_lines(
                 selected_line = lines.len();
             }
             lines.push(hunk_header(hunk, on, selected, color));
-            let code = highlighted(hunk, &change.path, highlighter, color);
-            for (line, spans) in hunk.lines.iter().zip(code) {
+            for (line, spans) in hunk.lines.iter().zip(code[flat].iter().cloned()) {
                 lines.push(diff_line(line, spans, on, color.then(|| tints(theme))));
             }
             flat += 1;

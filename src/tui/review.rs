@@ -1,7 +1,12 @@
 //! The diff pane's state: the edits of a reply, file by file and hunk by hunk, each
 //! accepted or rejected, and which hunk is selected.
 
+use ratatui::text::Span;
+
 use crate::patch::{ChangeKind, FileChange};
+
+/// One hunk's lines as highlighted spans.
+pub type CodeLines = Vec<Vec<Span<'static>>>;
 
 /// Edits under review.
 #[derive(Debug, Clone)]
@@ -14,6 +19,9 @@ pub struct Review {
     pub selected: usize,
     /// Where inferred edits were anchored; empty for edits written in an edit format.
     pub anchors: Vec<String>,
+    /// Each hunk's highlighted code (flat hunk order), filled by the first draw: syntect
+    /// is too slow to run again on every redraw, and the hunks never change.
+    pub highlighted: Option<Vec<CodeLines>>,
 }
 
 impl Review {
@@ -30,6 +38,7 @@ impl Review {
             accepted,
             selected: 0,
             anchors,
+            highlighted: None,
         }
     }
 

@@ -171,11 +171,17 @@ fn split_for_diff(area: Rect, large: bool) -> (Rect, Rect) {
     (chat, diff)
 }
 
-fn draw_diff(frame: &mut Frame<'_>, app: &App, highlighter: &Highlighter, area: Rect) {
-    let Some(review) = &app.review else {
+fn draw_diff(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter, area: Rect) {
+    let color = app.color;
+    let focused = app.focus == Focus::Diff;
+    let border = if focused {
+        style(app, Color::Cyan)
+    } else {
+        Style::default()
+    };
+    let Some(review) = app.review.as_mut() else {
         return;
     };
-    let focused = app.focus == Focus::Diff;
     let title = format!(
         " edits: {}/{} hunks accepted{} ",
         review.accepted_count(),
@@ -186,13 +192,9 @@ fn draw_diff(frame: &mut Frame<'_>, app: &App, highlighter: &Highlighter, area: 
             " · Tab to review"
         }
     );
-    let block = Block::bordered().title(title).border_style(if focused {
-        style(app, Color::Cyan)
-    } else {
-        Style::default()
-    });
+    let block = Block::bordered().title(title).border_style(border);
     let inner = block.inner(area);
-    let (lines, selected) = diff_lines(review, highlighter, app.color);
+    let (lines, selected) = diff_lines(review, highlighter, color);
     // Scroll only when the selected hunk's header would be out of sight; then keep it near
     // the top, with the file header above it when it fits.
     let height = inner.height as usize;
