@@ -96,19 +96,22 @@ impl Q8Rows {
         let mut qs = vec![0i8; rows * k];
         let mut d = vec![0f32; rows * kb];
         let mut s = vec![0f32; MAX_ROWS * kb];
+        #[cfg(target_arch = "x86_64")]
+        let simd = best_isa() != Isa::Scalar;
         for r in 0..rows {
             for b in 0..kb {
                 let xs = &x[r * k + b * QK..r * k + (b + 1) * QK];
-                let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-                let dd = amax / 127.0;
-                let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
-                let dh = f16_to_f32(f32_to_f16(dd));
                 let out = &mut qs[(b * rows + r) * QK..(b * rows + r + 1) * QK];
-                let mut sum = 0i32;
-                for (q, &v) in out.iter_mut().zip(xs) {
-                    *q = (v * id).round() as i8;
-                    sum += *q as i32;
-                }
+                #[cfg(target_arch = "x86_64")]
+                let (dd, sum) = if simd {
+                    // SAFETY: `simd` says `best_isa()` found AVX2 on this CPU.
+                    unsafe { avx2::quantize_block(xs, out) }
+                } else {
+                    quantize_block(xs, out)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let (dd, sum) = quantize_block(xs, out);
+                let dh = f16_to_f32(f32_to_f16(dd));
                 d[b * rows + r] = dh;
                 // candle: `f16::from_f32(sum as f32) * d`, an f16 product.
                 let sum_h = f16_to_f32(f32_to_f16(sum as f32));
@@ -117,6 +120,20 @@ impl Q8Rows {
         }
         Self { rows, qs, d, s }
     }
+}
+
+/// One block of 32 activations quantized as ggml's `quantize_row_q8_1`: returns the scale
+/// `amax / 127` and the sum of the quantized values.
+fn quantize_block(xs: &[f32], out: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
+    let dd = amax / 127.0;
+    let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in out.iter_mut().zip(xs) {
+        *q = (v * id).round() as i8;
+        sum += *q as i32;
+    }
+    (dd, sum)
 }
 
 impl QuantMatrix {
@@ -221,9 +238,13 @@ impl QuantMatrix {
             } else {
                 self.tiles(&q8, first_tile, &mut out, isa);
             }
-            for (j, col) in out.chunks_exact(g).skip(skip).take(n).enumerate() {
-                for (r, &v) in col.iter().enumerate() {
-                    y[(r0 + r) * n + j] = v;
+            if g == 1 {
+                y[r0 * n..(r0 + 1) * n].copy_from_slice(&out[skip..skip + n]);
+            } else {
+                for (r, row) in y[r0 * n..(r0 + g) * n].chunks_exact_mut(n).enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = out[(skip + j) * g + r];
+                    }
                 }
             }
             r0 += g;
@@ -249,7 +270,7 @@ impl QuantMatrix {
 }
 
 /// Threads of candle's barrier pool: its workers and the calling thread.
-fn pool_threads() -> usize {
+pub(crate) fn pool_threads() -> usize {
     candle_core::utils::barrier_pool().n_workers() + 1
 }
 
@@ -305,6 +326,63 @@ fn best_isa() -> Isa {
             Isa::Scalar
         }
     })
+}
+
+/// Attention scores `out[i * n + j] = scale * (q_i . k_j)` for the `hd`-long rows of `q`
+/// (`nq` of them) and of `k` (`n`).
+pub(crate) fn attention_scores(q: &[f32], k: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+    let (nq, n) = (q.len() / hd, k.len() / hd);
+    assert_eq!(out.len(), nq * n, "attention_scores: out is not nq * n");
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() != Isa::Scalar && hd.is_multiple_of(8) {
+        // SAFETY: `best_isa()` found AVX2 and FMA on this CPU.
+        unsafe { avx2::attention_scores(q, k, hd, scale, out) };
+        return;
+    }
+    for (i, qi) in q.chunks_exact(hd).enumerate() {
+        for (j, kj) in k.chunks_exact(hd).enumerate() {
+            out[i * n + j] = dot(qi, kj) * scale;
+        }
+    }
+}
+
+/// `out_i = sum_j p[i * n + j] * v_j` for the `hd`-long rows of `v` (`n` of them) and of
+/// `out` (`nq`).
+pub(crate) fn weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+    let (nq, n) = (out.len() / hd, v.len() / hd);
+    assert_eq!(p.len(), nq * n, "weighted_sums: p is not nq * n");
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() != Isa::Scalar && hd.is_multiple_of(8) {
+        // SAFETY: `best_isa()` found AVX2 and FMA on this CPU.
+        unsafe { avx2::weighted_sums(p, v, hd, out) };
+        return;
+    }
+    for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
+        o.fill(0.0);
+        for (&pj, vj) in pi.iter().zip(v.chunks_exact(hd)) {
+            for (o, &x) in o.iter_mut().zip(vj) {
+                *o += pj * x;
+            }
+        }
+    }
+}
+
+/// `a . b` with 16 partial sums, so that it vectorizes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a16
+        .remainder()
+        .iter()
+        .zip(b16.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a16.zip(b16) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Portable kernel: same arithmetic as the SIMD ones, summed in a different order.
@@ -456,6 +534,138 @@ mod avx2 {
                 s = _mm256_dpbusd_epi32(s, abs[g], sy);
             }
             s
+        }
+    }
+
+    /// [`super::quantize_block`] for 32 values.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_block(xs: &[f32], out: &mut [i8]) -> (f32, i32) {
+        let (xs, out) = (&xs[..QK], &mut out[..QK]);
+        // SAFETY (all intrinsics): AVX2 is enabled here; loads and stores are of 32 f32s
+        // and 32 bytes of slices just checked to hold them.
+        unsafe {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xs[8 * i..].as_ptr()));
+            let sign = _mm256_set1_ps(-0.0);
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+            let dd = _mm_cvtss_f32(m) / 127.0;
+            let id = _mm256_set1_ps(if dd != 0.0 { 1.0 / dd } else { 0.0 });
+            // f32::round (half away from zero): truncate x + copysign(0.5 - 2^-25, x); the
+            // sum is exact or rounds up to the next integer exactly at the halves.
+            let half = _mm256_set1_ps(0.5 - f32::EPSILON / 4.0);
+            let q = v.map(|v| {
+                let x = _mm256_mul_ps(v, id);
+                let t = _mm256_add_ps(x, _mm256_or_ps(half, _mm256_and_ps(sign, x)));
+                _mm256_cvttps_epi32(t)
+            });
+            // i32 -> i16 -> i8 packs interleave 128-bit lanes; the permute puts the 8
+            // groups of 4 back in order.
+            let p = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(out.as_mut_ptr().cast(), p);
+            let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            (dd, _mm_cvtsi128_si32(s))
+        }
+    }
+
+    /// [`super::attention_scores`] for `hd` a multiple of 8.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attention_scores(
+        q: &[f32],
+        k: &[f32],
+        hd: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let n = k.len() / hd;
+        let load = |x: &[f32], at: usize| {
+            let v = &x[at..at + 8];
+            // SAFETY: `v` is 8 f32s, one unaligned 256-bit load; AVX is enabled here.
+            unsafe { _mm256_loadu_ps(v.as_ptr()) }
+        };
+        // Four keys at a time: four accumulators reduced together by three `hadd`s.
+        for j in (0..n - n % 4).step_by(4) {
+            for (i, qi) in q.chunks_exact(hd).enumerate() {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in (0..hd).step_by(8) {
+                    let qv = load(qi, c);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(qv, load(k, (j + t) * hd + c), *a);
+                    }
+                }
+                let h = _mm256_hadd_ps(
+                    _mm256_hadd_ps(acc[0], acc[1]),
+                    _mm256_hadd_ps(acc[2], acc[3]),
+                );
+                // Lane t of each half holds half of key j + t's sum.
+                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                let s = _mm_mul_ps(s, _mm_set1_ps(scale));
+                let dst = &mut out[i * n + j..i * n + j + 4];
+                // SAFETY: `dst` is 4 f32s, one unaligned 128-bit store.
+                unsafe { _mm_storeu_ps(dst.as_mut_ptr(), s) };
+            }
+        }
+        for j in n - n % 4..n {
+            for (i, qi) in q.chunks_exact(hd).enumerate() {
+                out[i * n + j] = super::dot(qi, &k[j * hd..(j + 1) * hd]) * scale;
+            }
+        }
+    }
+
+    /// [`super::weighted_sums`] for `hd` a multiple of 8.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        let n = v.len() / hd;
+        for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
+            let mut c = 0;
+            // 64 columns (8 accumulators) at a time while they last, then 8.
+            while c + 64 <= hd {
+                weighted_columns::<8>(pi, v, hd, c, o);
+                c += 64;
+            }
+            while c < hd {
+                weighted_columns::<1>(pi, v, hd, c, o);
+                c += 8;
+            }
+        }
+    }
+
+    /// Columns `c .. c + 8W` of `o = sum_j p[j] * v_j`.
+    #[inline(always)]
+    fn weighted_columns<const W: usize>(p: &[f32], v: &[f32], hd: usize, c: usize, o: &mut [f32]) {
+        // SAFETY (all intrinsics): inlined only into `weighted_sums`, compiled with AVX2
+        // and FMA; every load and store is of 8 f32s of a slice checked to hold them.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); W];
+            for (j, &pj) in p.iter().enumerate() {
+                let b = _mm256_set1_ps(pj);
+                let row = &v[j * hd + c..j * hd + c + 8 * W];
+                for (w, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(b, _mm256_loadu_ps(row[8 * w..].as_ptr()), *a);
+                }
+            }
+            let dst = &mut o[c..c + 8 * W];
+            for (w, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(dst[8 * w..].as_mut_ptr(), *a);
+            }
         }
     }
 
@@ -696,6 +906,31 @@ pub(crate) mod tests {
         assert_eq!(f32_to_f16(1.0 + 1.5 / 1024.0), 0x3C02);
         assert_eq!(f32_to_f16(1.0e6), 0x7C00);
         assert_eq!(f32_to_f16(4064.0), 0x6BF0);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_activation_quantization_equals_the_portable_one() {
+        if best_isa() == Isa::Scalar {
+            return;
+        }
+        let mut blocks: Vec<Vec<f32>> = (0..64).map(|s| lcg(s, QK)).collect();
+        // With 127 in the block the step is 1, so the others land exactly on halves (both
+        // signs); then zeros, and one value alone.
+        blocks.push(
+            (0..QK)
+                .map(|i| if i == 0 { 127.0 } else { i as f32 - 16.5 })
+                .collect(),
+        );
+        blocks.push(vec![0.0; QK]);
+        blocks.push((0..QK).map(|i| if i == 7 { -3.5 } else { 0.0 }).collect());
+        for xs in &blocks {
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let portable = quantize_block(xs, &mut a);
+            // SAFETY: best_isa() found AVX2.
+            let simd = unsafe { avx2::quantize_block(xs, &mut b) };
+            assert_eq!((portable, a), (simd, b), "{xs:?}");
+        }
     }
 
     #[test]

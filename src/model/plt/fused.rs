@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::model::kernels::parallel_pieces;
+use crate::model::kernels::{attention_scores, parallel_pieces, pool_threads, weighted_sums};
 
 use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
 
@@ -134,58 +134,69 @@ pub(super) fn decode_step(
             1 => Vec::new(),
             _ => gate(layer, lw, &h[d..], &q[qw..], loops - 1, hd, eps)?,
         };
-        // Head-major `[heads, loops, hd]`: a thread's run of tasks covers every loop of its
-        // heads, so each loop after the first finds the head's K/V in its core's cache.
-        let mut by_head = vec![0f32; loops * qw];
+        let mut attn = vec![0f32; loops * qw];
         {
             let (k0, k0_layout) = cache.k0[li].storage_and_layout();
             let (v0, v0_layout) = cache.v0[li].storage_and_layout();
             let (k0, v0) = (cpu_f32(&k0, k0_layout)?, cpu_f32(&v0, v0_layout)?);
-            // Loops >= 1 only; at one loop the rings are empty and never read.
-            let rings = cache.ring_k.get(li).zip(cache.ring_v.get(li));
-            let rings = rings.map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()));
-            let (rk, rv) = match &rings {
-                Some(((k, kl), (v, vl))) => (cpu_f32(k, kl)?, cpu_f32(v, vl)?),
-                None => (&[][..], &[][..]),
-            };
-            // One task per (head, row).
-            parallel_pieces(&mut by_head, hd, |t, out| {
-                let (head, r) = (t / loops, t % loops);
-                let g = head / group;
-                let q = &q[(r * heads + head) * hd..(r * heads + head + 1) * hd];
-                let span = g * cap * hd..(g * cap + pos + 1) * hd;
-                attend(q, &k0[span.clone()], &v0[span], scale, None, out);
-                if r > 0 {
-                    let ring = ((r - 1) * kv_heads + g) * w1 * hd..;
-                    let ring = ring.start..ring.start + w1 * hd;
-                    let mut local = vec![0f32; hd];
-                    let valid = Some(&ring_valid[..]);
-                    attend(q, &rk[ring.clone()], &rv[ring], scale, valid, &mut local);
+            // Global attention: per KV head, the queries of its heads in every row over
+            // loop 0's keys 0..=pos, each key read once for all of them; the keys split
+            // into `chunks` ranges so that every core works, merged after.
+            let keys = pos + 1;
+            let nq = group * loops;
+            let chunks = key_chunks(keys, kv_heads);
+            let piece = nq * (hd + 2);
+            let mut partials = vec![0f32; kv_heads * chunks * piece];
+            parallel_pieces(&mut partials, piece, |t, out| {
+                let (g, c) = (t / chunks, t % chunks);
+                let span = g * cap + c * keys / chunks..g * cap + (c + 1) * keys / chunks;
+                let span = span.start * hd..span.end * hd;
+                let queries = group_queries(&q, g, group * hd, qw);
+                attend_partial(&queries, &k0[span.clone()], &v0[span], scale, None, out);
+            });
+            for (g, pieces) in partials.chunks_exact(chunks * piece).enumerate() {
+                let merged = merge_partials(pieces, chunks, nq, hd);
+                let width = group * hd;
+                for (row, m) in attn.chunks_exact_mut(qw).zip(merged.chunks_exact(width)) {
+                    row[g * width..(g + 1) * width].copy_from_slice(m);
+                }
+            }
+        }
+        if loops > 1 {
+            // Local attention of rows 1.. over their rings `[loops-1, kv_heads, w1, hd]`,
+            // per (row, KV head), mixed in per head as `g * global + (1 - g) * local`.
+            let (rk, rk_layout) = cache.ring_k[li].storage_and_layout();
+            let (rv, rv_layout) = cache.ring_v[li].storage_and_layout();
+            let (rk, rv) = (cpu_f32(&rk, rk_layout)?, cpu_f32(&rv, rv_layout)?);
+            let piece = group * (hd + 2);
+            let mut local = vec![0f32; (loops - 1) * kv_heads * piece];
+            parallel_pieces(&mut local, piece, |t, out| {
+                let (r, g) = (1 + t / kv_heads, t % kv_heads);
+                let ring = t * w1 * hd..(t + 1) * w1 * hd;
+                let start = r * qw + g * group * hd;
+                let queries = &q[start..start + group * hd];
+                let valid = Some(&ring_valid[..]);
+                attend_partial(queries, &rk[ring.clone()], &rv[ring], scale, valid, out);
+            });
+            for (t, piece) in local.chunks_exact(piece).enumerate() {
+                let (r, g) = (1 + t / kv_heads, t % kv_heads);
+                let local = merge_partials(piece, 1, group, hd);
+                for (hh, l) in local.chunks_exact(hd).enumerate() {
+                    let head = g * group + hh;
                     let gh = gates[(r - 1) * heads + head];
-                    // Per head `g * global + (1 - g) * local`, as `mix` computes it.
-                    for (o, &l) in out.iter_mut().zip(&local) {
+                    let o = &mut attn[r * qw + head * hd..r * qw + (head + 1) * hd];
+                    for (o, &l) in o.iter_mut().zip(l) {
                         *o = l + (*o - l) * gh;
                     }
                 }
-            });
-        }
-        let mut attn = vec![0f32; loops * qw];
-        for (t, out) in by_head.chunks_exact(hd).enumerate() {
-            let (head, r) = (t / loops, t % loops);
-            attn[(r * heads + head) * hd..(r * heads + head + 1) * hd].copy_from_slice(out);
+            }
         }
 
         add_assign(&mut h, &project(&[&layer.o_proj], &attn, loops)?);
         let y = rms_norm_rows(&h, &lw.post_attention_norm, eps);
         let ffn = c.intermediate_size;
         let gate_up = project(&[&layer.gate_proj, &layer.up_proj], &y, loops)?;
-        let act: Vec<f32> = gate_up
-            .chunks_exact(2 * ffn)
-            .flat_map(|row| {
-                let (g, u) = row.split_at(ffn);
-                g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
-            })
-            .collect();
+        let act = silu_mul(&gate_up, ffn);
         add_assign(&mut h, &project(&[&layer.down_proj], &act, loops)?);
     }
 
@@ -293,62 +304,131 @@ fn add_rows(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Softmax attention of query `q` over the `[keys, hd]` rows of `k` and `v`, leaving out
-/// keys whose `valid` entry is false, written to `out`.
-fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, valid: Option<&[bool]>, out: &mut [f32]) {
-    let hd = q.len();
-    let mut p: Vec<f32> = k
-        .chunks_exact(hd)
-        .enumerate()
-        .map(|(j, kr)| match valid {
-            Some(m) if !m[j] => f32::NEG_INFINITY,
-            _ => dot(q, kr) * scale,
-        })
-        .collect();
-    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in p.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    for s in p.iter_mut() {
-        *s /= sum;
-    }
-    out.fill(0.0);
-    // Four keys a pass: a quarter of the loads and stores of `out`.
-    let (p4, v4) = (p.chunks_exact(4), v.chunks_exact(4 * hd));
-    for (&pj, vr) in p4.remainder().iter().zip(v4.remainder().chunks_exact(hd)) {
-        for (o, &x) in out.iter_mut().zip(vr) {
-            *o += pj * x;
-        }
-    }
-    for (pj, vr) in p4.zip(v4) {
-        let (a, rest) = vr.split_at(hd);
-        let (b, rest) = rest.split_at(hd);
-        let (c, e) = rest.split_at(hd);
-        let rows = a.iter().zip(b).zip(c.iter().zip(e));
-        for (o, ((&a, &b), (&c, &e))) in out.iter_mut().zip(rows) {
-            *o += pj[0] * a + pj[1] * b + pj[2] * c + pj[3] * e;
-        }
-    }
+/// How many key ranges each KV head's global attention is split into: enough tasks for
+/// two per thread, each of at least [`MIN_CHUNK_KEYS`] keys.
+fn key_chunks(keys: usize, kv_heads: usize) -> usize {
+    (2 * pool_threads())
+        .div_ceil(kv_heads)
+        .min(keys / MIN_CHUNK_KEYS)
+        .max(1)
 }
 
-/// `a . b` with 16 partial sums, so that it vectorizes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a16
-        .remainder()
-        .iter()
-        .zip(b16.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a16.zip(b16) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
+/// Fewer keys than this per task cost more in merging than they save.
+const MIN_CHUNK_KEYS: usize = 32;
+
+/// The `width` floats of query group `g` from each `row`-long row of `q`, one after another.
+fn group_queries(q: &[f32], g: usize, width: usize, row: usize) -> Vec<f32> {
+    q.chunks_exact(row)
+        .flat_map(|r| &r[g * width..(g + 1) * width])
+        .copied()
+        .collect()
+}
+
+/// Softmax attention of the queries `q` (`[nq, hd]`, hd = `out.len() / nq - 2`) over the
+/// `[keys, hd]` rows of `k` and `v`, leaving out keys whose `valid` entry is false. Written
+/// to `out` unnormalized, so that key ranges can be merged ([`merge_partials`]): `[nq, hd]`
+/// sums of `exp(score - max) * v`, then the `nq` maxima, then the `nq` sums of the weights.
+fn attend_partial(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    valid: Option<&[bool]>,
+    out: &mut [f32],
+) {
+    // out = nq * (hd + 2) and q = nq * hd.
+    let nq = (out.len() - q.len()) / 2;
+    let hd = q.len() / nq;
+    let n = k.len() / hd;
+    let mut scores = vec![0f32; nq * n];
+    attention_scores(q, k, hd, scale, &mut scores);
+    let (acc, stats) = out.split_at_mut(nq * hd);
+    let (maxima, sums) = stats.split_at_mut(nq);
+    for (i, p) in scores.chunks_exact_mut(n).enumerate() {
+        let kept = |j: usize| valid.is_none_or(|m| m[j]);
+        let max = (0..n)
+            .filter(|&j| kept(j))
+            .map(|j| p[j])
+            .fold(f32::NEG_INFINITY, f32::max);
+        p.iter_mut().for_each(|x| *x -= max);
+        exp_in_place(p);
+        if let Some(m) = valid {
+            p.iter_mut()
+                .zip(m)
+                .filter(|(_, &ok)| !ok)
+                .for_each(|(x, _)| *x = 0.0);
+        }
+        maxima[i] = max;
+        sums[i] = p.iter().sum();
+    }
+    weighted_sums(&scores, v, hd, acc);
+}
+
+/// The `nq` normalized attention outputs `[nq, hd]` of `chunks` pieces of
+/// [`attend_partial`] over consecutive key ranges.
+fn merge_partials(pieces: &[f32], chunks: usize, nq: usize, hd: usize) -> Vec<f32> {
+    let piece = nq * (hd + 2);
+    let mut out = vec![0f32; nq * hd];
+    for (i, o) in out.chunks_exact_mut(hd).enumerate() {
+        let stat = |c: usize, at: usize| pieces[c * piece + nq * hd + at * nq + i];
+        let max = (0..chunks)
+            .map(|c| stat(c, 0))
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0f32;
+        for c in 0..chunks {
+            let w = (stat(c, 0) - max).exp();
+            total += w * stat(c, 1);
+            let acc = &pieces[c * piece + i * hd..c * piece + (i + 1) * hd];
+            for (o, &a) in o.iter_mut().zip(acc) {
+                *o += w * a;
+            }
+        }
+        for o in o.iter_mut() {
+            *o /= total;
         }
     }
-    acc.iter().sum::<f32>() + tail
+    out
+}
+
+/// `silu(g) * u` for each `[g | u]` row (`ffn` each) of `gate_up`.
+fn silu_mul(gate_up: &[f32], ffn: usize) -> Vec<f32> {
+    let mut act = Vec::with_capacity(gate_up.len() / 2);
+    for row in gate_up.chunks_exact(2 * ffn) {
+        let (g, u) = row.split_at(ffn);
+        let start = act.len();
+        act.extend(g.iter().map(|&g| -g));
+        exp_in_place(&mut act[start..]);
+        for ((a, &g), &u) in act[start..].iter_mut().zip(g).zip(u) {
+            *a = g / (1.0 + *a) * u;
+        }
+    }
+    act
+}
+
+/// `x = exp(x)` for each element, with a polynomial (Cephes' `expf`, relative error about
+/// 2e-7) that the compiler vectorizes, unlike calls to libm. Inputs are clamped to
+/// -87..=88, so exp(-inf) is 1.6e-38 rather than 0.
+fn exp_in_place(x: &mut [f32]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts, so `n * LN2_HI` is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    for v in x.iter_mut() {
+        let a = v.clamp(-87.0, 88.0);
+        let n = (a * LOG2E + ROUND) - ROUND;
+        let r = a - n * LN2_HI - n * LN2_LO;
+        let p = 1.987_569_1e-4;
+        let p = p * r + 1.398_2e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 0.5;
+        let p = p * r * r + r + 1.0;
+        // 2^n through the exponent bits; n lies in -126..=127 after the clamp.
+        *v = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    }
 }
 
 /// The f32 elements of a contiguous f32 tensor on the CPU.
@@ -500,6 +580,98 @@ mod tests {
         model.set_loops(&mut cache, loops + 1).unwrap();
         ids(5, 13).for_each(|id| step(&mut cache, id));
         rows
+    }
+
+    /// Softmax attention in f64, the plain way.
+    fn naive_attention(q: &[f32], k: &[f32], v: &[f32], hd: usize, valid: &[bool]) -> Vec<f32> {
+        let mut out = Vec::new();
+        for qi in q.chunks_exact(hd) {
+            let scores: Vec<f64> = k
+                .chunks_exact(hd)
+                .map(|kr| {
+                    qi.iter()
+                        .zip(kr)
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                })
+                .map(|s| s * 0.25)
+                .collect();
+            let max = scores
+                .iter()
+                .zip(valid)
+                .filter(|(_, &ok)| ok)
+                .map(|(&s, _)| s);
+            let max = max.fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores
+                .iter()
+                .zip(valid)
+                .map(|(&s, &ok)| if ok { (s - max).exp() } else { 0.0 })
+                .collect();
+            let total: f64 = w.iter().sum();
+            for c in 0..hd {
+                let o = w
+                    .iter()
+                    .zip(v.chunks_exact(hd))
+                    .map(|(&w, vr)| w * vr[c] as f64);
+                out.push((o.sum::<f64>() / total) as f32);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_split_over_key_ranges_equals_one_softmax() {
+        // hd 16 takes the SIMD kernels, hd 12 the portable ones.
+        for hd in [16, 12] {
+            attention_split_over_key_ranges(hd);
+        }
+    }
+
+    fn attention_split_over_key_ranges(hd: usize) {
+        let (nq, n) = (6, 101);
+        let (q, k, v) = (lcg(1, nq * hd), lcg(2, n * hd), lcg(3, n * hd));
+        let q: Vec<f32> = q.iter().map(|x| x * 4.0).collect();
+        let valid: Vec<bool> = (0..n).map(|j| j % 7 != 3).collect();
+        for mask in [None, Some(&valid[..])] {
+            let expected = naive_attention(&q, &k, &v, hd, mask.unwrap_or(&[true; 101]));
+            for chunks in 1..=4 {
+                let piece = nq * (hd + 2);
+                let mut pieces = vec![0f32; chunks * piece];
+                for (c, out) in pieces.chunks_exact_mut(piece).enumerate() {
+                    let (a, b) = (c * n / chunks, (c + 1) * n / chunks);
+                    let keys = a * hd..b * hd;
+                    let m = mask.map(|m| &m[a..b]);
+                    attend_partial(&q, &k[keys.clone()], &v[keys], 0.25, m, out);
+                }
+                let got = merge_partials(&pieces, chunks, nq, hd);
+                let diff = got
+                    .iter()
+                    .zip(&expected)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    diff < 1e-5,
+                    "hd {hd} chunks {chunks} mask {}: {diff}",
+                    mask.is_some()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_polynomial_exp_matches_libm() {
+        let xs: Vec<f32> = (-1990..=2010).map(|i| i as f32 * 0.0437).collect();
+        let mut ys = xs.clone();
+        exp_in_place(&mut ys);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let rel = ((y as f64 - (x as f64).exp()) / (x as f64).exp()).abs();
+            assert!(rel < 5e-7, "exp({x}) = {y}: relative error {rel}");
+        }
+        let mut edge = [f32::NEG_INFINITY, -1000.0, 0.0];
+        exp_in_place(&mut edge);
+        assert!(
+            edge[0] < 1e-37 && edge[1] < 1e-37 && edge[2] == 1.0,
+            "{edge:?}"
+        );
     }
 
     #[test]
