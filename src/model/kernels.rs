@@ -228,7 +228,7 @@ impl QuantMatrix {
         while r0 < rows {
             let g = (rows - r0).min(MAX_ROWS);
             let q8 = Q8Rows::quantize(&x[r0 * k..(r0 + g) * k], g, k);
-            // Column-major `[tiles * TILE][g]`, so each piece is one contiguous range of tiles.
+            // `[tiles][g][TILE]`, so each piece is one contiguous range of tiles.
             let mut out = vec![0f32; tiles * TILE * g];
             if parallel && threads > 1 && n * k * g >= PARALLEL_MIN_WORK {
                 let per = tiles.div_ceil(threads);
@@ -241,9 +241,13 @@ impl QuantMatrix {
             if g == 1 {
                 y[r0 * n..(r0 + 1) * n].copy_from_slice(&out[skip..skip + n]);
             } else {
-                for (r, row) in y[r0 * n..(r0 + g) * n].chunks_exact_mut(n).enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = out[(skip + j) * g + r];
+                // Column `skip + j` of the tiles is output column j.
+                for (t, tile) in out.chunks_exact(g * TILE).enumerate() {
+                    let (from, to) = ((t * TILE).max(skip), ((t + 1) * TILE).min(skip + n));
+                    for (r, src) in tile.chunks_exact(TILE).enumerate() {
+                        let dst = (r0 + r) * n;
+                        y[dst + from - skip..dst + to - skip]
+                            .copy_from_slice(&src[from - t * TILE..to - t * TILE]);
                     }
                 }
             }
@@ -252,7 +256,7 @@ impl QuantMatrix {
         y
     }
 
-    /// Outputs for tiles `t0 ..` (as many as `out` holds), written `[column][row]`.
+    /// Outputs for tiles `t0 ..` (as many as `out` holds), written `[tile][row][column]`.
     fn tiles(&self, q8: &Q8Rows, t0: usize, out: &mut [f32], isa: Isa) {
         let kb = self.k / QK;
         let tile_bytes = TILE * kb * self.format.block_bytes();
@@ -428,7 +432,9 @@ fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32
             }
         }
         for (c, acc) in acc.iter().enumerate() {
-            tile[c * rows..(c + 1) * rows].copy_from_slice(&acc[..rows]);
+            for (r, &v) in acc.iter().enumerate().take(rows) {
+                tile[r * TILE + c] = v;
+            }
         }
     }
 }
@@ -724,16 +730,12 @@ mod avx2 {
         unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
     }
 
-    /// Writes the R accumulators (lane c: column c) to `tile` `[column][row]`.
+    /// Writes the R accumulators (lane c: column c) to `tile` `[row][column]`.
     #[inline(always)]
     fn store<const R: usize>(acc: &[__m256; R], tile: &mut [f32]) {
-        for (r, a) in acc.iter().enumerate() {
-            let mut lanes = [0f32; TILE];
-            // SAFETY: `lanes` is 8 f32s, exactly one unaligned 256-bit store.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
-            for (c, &v) in lanes.iter().enumerate() {
-                tile[c * R + r] = v;
-            }
+        for (row, a) in tile.chunks_exact_mut(TILE).zip(acc) {
+            // SAFETY: `row` is 8 f32s, exactly one unaligned 256-bit store.
+            unsafe { _mm256_storeu_ps(row.as_mut_ptr(), *a) };
         }
     }
 
