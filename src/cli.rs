@@ -146,6 +146,9 @@ struct BenchArgs {
     /// Tokens to decode.
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Rounds, each measuring every loop count once; figures pool the rounds.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    repeat: u16,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -554,15 +557,14 @@ fn bench(args: BenchArgs) -> Result<()> {
     let weight_bytes = model.decode_weight_bytes();
     // The decode rate at which every weight byte is read once per token at that bandwidth.
     let ceiling = bandwidth.map(|gb_s| gb_s * 1e9 / weight_bytes as f64);
-    let mut results = Vec::new();
-    for &loops in &args.loops {
-        results.push(engine::bench_loops(
-            model,
-            usize::from(loops),
-            args.prompt_tokens,
-            args.gen_tokens,
-        )?);
-    }
+    let loop_counts: Vec<usize> = args.loops.iter().map(|&l| usize::from(l)).collect();
+    let results = engine::bench_loop_counts(
+        model,
+        &loop_counts,
+        args.prompt_tokens,
+        args.gen_tokens,
+        usize::from(args.repeat),
+    )?;
     let followup_loops = args
         .loops
         .first()

@@ -268,6 +268,47 @@ fn commands_print_the_documented_json() {
     for field in ["ttft_ms", "prefill_tok_s", "decode_tok_s"] {
         assert!(v[field].as_f64().unwrap() > 0.0, "{field}");
     }
+
+    let (code, stdout, stderr) = plait(&[
+        "bench",
+        "--model",
+        model,
+        "--loops",
+        "1,3",
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--repeat",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["model"], model);
+    assert_eq!(v["threads"], 1);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (r, loops) in results.iter().zip([1, 3]) {
+        assert_eq!(
+            (&r["loops"], &r["prompt_tokens"], &r["gen_tokens"]),
+            (&loops.into(), &16.into(), &4.into())
+        );
+        for field in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "token_ms_p50"] {
+            assert!(r[field].as_f64().unwrap() > 0.0, "{field}");
+        }
+        assert!(r["token_ms_p90"].as_f64() >= r["token_ms_p50"].as_f64());
+        assert!(r["kv_bytes"].as_u64().unwrap() > 0);
+    }
+    assert_eq!(
+        (&v["followup"]["context_tokens"], &v["followup"]["new_tokens"]),
+        (&512.into(), &32.into())
+    );
+    for field in ["ttft_cached_ms", "ttft_uncached_ms"] {
+        assert!(v["followup"][field].as_f64().unwrap() > 0.0, "{field}");
+    }
 }
 
 #[test]

@@ -77,13 +77,44 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     ms(sorted[rank])
 }
 
-/// Prefill `prompt_tokens`, then decode `gen_tokens` greedily, at `loops` loops.
-pub fn bench_loops(
+/// Prefill `prompt_tokens`, then decode `gen_tokens` greedily, at each loop count of
+/// `loop_counts`: `repeat` rounds that each run every count once, so that a machine whose
+/// speed drifts (other tenants, clocks) moves all counts alike; each count's figures pool
+/// its rounds (percentiles over all steps).
+pub fn bench_loop_counts(
+    model: &PltModel,
+    loop_counts: &[usize],
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    repeat: usize,
+) -> Result<Vec<LoopBench>> {
+    let mut runs: Vec<Vec<LoopRun>> = loop_counts.iter().map(|_| Vec::new()).collect();
+    for _ in 0..repeat.max(1) {
+        for (&loops, runs) in loop_counts.iter().zip(&mut runs) {
+            runs.push(run_loops(model, loops, prompt_tokens, gen_tokens)?);
+        }
+    }
+    Ok(loop_counts
+        .iter()
+        .zip(&runs)
+        .map(|(&loops, runs)| summarize(loops, prompt_tokens, gen_tokens, runs))
+        .collect())
+}
+
+/// The raw timings of one prefill and decode at one loop count.
+struct LoopRun {
+    prefill: Duration,
+    ttft: Duration,
+    steps: Vec<Duration>,
+    kv_bytes: usize,
+}
+
+fn run_loops(
     model: &PltModel,
     loops: usize,
     prompt_tokens: usize,
     gen_tokens: usize,
-) -> Result<LoopBench> {
+) -> Result<LoopRun> {
     if prompt_tokens == 0 {
         return Err(ModelError::EmptyInput);
     }
@@ -115,23 +146,36 @@ pub fn bench_loops(
         next = sampler.sample_tensor(&logits, &[])?;
         steps.push(step.elapsed());
     }
-    let decode_total: Duration = steps.iter().sum();
+    Ok(LoopRun {
+        prefill,
+        ttft,
+        steps,
+        kv_bytes: cache.size_bytes(),
+    })
+}
+
+/// One count's figures from its runs: rates over the summed times, the median TTFT, and
+/// step percentiles over every run's steps.
+fn summarize(loops: usize, prompt_tokens: usize, gen_tokens: usize, runs: &[LoopRun]) -> LoopBench {
+    let rate = |count: usize, time: Duration| match time.is_zero() {
+        true => 0.0,
+        false => (count * runs.len()) as f64 / time.as_secs_f64(),
+    };
+    let mut steps: Vec<Duration> = runs.iter().flat_map(|r| r.steps.iter().copied()).collect();
     steps.sort();
-    Ok(LoopBench {
+    let mut ttfts: Vec<Duration> = runs.iter().map(|r| r.ttft).collect();
+    ttfts.sort();
+    LoopBench {
         loops,
         prompt_tokens,
         gen_tokens,
-        prefill_tok_s: prompt_tokens as f64 / prefill.as_secs_f64(),
-        decode_tok_s: if decode_total.is_zero() {
-            0.0
-        } else {
-            gen_tokens as f64 / decode_total.as_secs_f64()
-        },
-        ttft_ms: ms(ttft),
+        prefill_tok_s: rate(prompt_tokens, runs.iter().map(|r| r.prefill).sum()),
+        decode_tok_s: rate(gen_tokens, steps.iter().sum()),
+        ttft_ms: percentile(&ttfts, 0.5),
         token_ms_p50: percentile(&steps, 0.5),
         token_ms_p90: percentile(&steps, 0.9),
-        kv_bytes: cache.size_bytes(),
-    })
+        kv_bytes: runs.last().map_or(0, |r| r.kv_bytes),
+    }
 }
 
 /// TTFT of a `new_tokens` follow-up after a `context_tokens` conversation, kept cache vs cold.
@@ -202,8 +246,15 @@ mod tests {
             "/tests/fixtures/plt-tiny-2loop/config.json"
         );
         let model = synthetic_model(config, &Placement::new(Device::Cpu, None)).unwrap();
-        let result = bench_loops(&model, 2, 8, 4).unwrap();
-        assert_eq!(result.gen_tokens, 4);
+        let rounds = bench_loop_counts(&model, &[1, 3], 8, 4, 2).unwrap();
+        assert_eq!(rounds.iter().map(|r| r.loops).collect::<Vec<_>>(), [1, 3]);
+        for r in &rounds {
+            assert!(
+                r.token_ms_p50 <= r.token_ms_p90 && r.decode_tok_s > 0.0,
+                "{r:?}"
+            );
+            assert!(r.prefill_tok_s > 0.0 && r.kv_bytes > 0, "{r:?}");
+        }
         let c = model.config();
         // f32: more than the layers' matrices, less than all weights plus the embedding.
         let floor = 4 * c.num_hidden_layers * 3 * c.hidden_size * c.intermediate_size;

@@ -8,7 +8,7 @@ mod protocol;
 mod worker;
 
 pub use bench::{
-    bench_followup, bench_ids, bench_loops, copy_bandwidth, synthetic_model, FollowupBench,
+    bench_followup, bench_ids, bench_loop_counts, copy_bandwidth, synthetic_model, FollowupBench,
     LoopBench,
 };
 pub use generate::{
