@@ -303,7 +303,10 @@ fn commands_print_the_documented_json() {
         assert!(r["kv_bytes"].as_u64().unwrap() > 0);
     }
     assert_eq!(
-        (&v["followup"]["context_tokens"], &v["followup"]["new_tokens"]),
+        (
+            &v["followup"]["context_tokens"],
+            &v["followup"]["new_tokens"]
+        ),
         (&512.into(), &32.into())
     );
     for field in ["ttft_cached_ms", "ttft_uncached_ms"] {
