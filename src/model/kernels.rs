@@ -354,6 +354,12 @@ pub(crate) fn attention_scores(q: &[f32], k: &[f32], hd: usize, scale: f32, out:
     let (nq, n) = (q.len() / hd, k.len() / hd);
     assert_eq!(out.len(), nq * n, "attention_scores: out is not nq * n");
     #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Vnni512 && hd.is_multiple_of(16) {
+        // SAFETY: `best_isa()` found AVX512F on this CPU.
+        unsafe { avx2::attention_scores512(q, k, hd, scale, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if best_isa() != Isa::Scalar && hd.is_multiple_of(8) {
         // SAFETY: `best_isa()` found AVX2 and FMA on this CPU.
         unsafe { avx2::attention_scores(q, k, hd, scale, out) };
@@ -371,6 +377,12 @@ pub(crate) fn attention_scores(q: &[f32], k: &[f32], hd: usize, scale: f32, out:
 pub(crate) fn weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
     let (nq, n) = (out.len() / hd, v.len() / hd);
     assert_eq!(p.len(), nq * n, "weighted_sums: p is not nq * n");
+    #[cfg(target_arch = "x86_64")]
+    if best_isa() == Isa::Vnni512 && hd.is_multiple_of(16) {
+        // SAFETY: `best_isa()` found AVX512F on this CPU.
+        unsafe { avx2::weighted_sums512(p, v, hd, out) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if best_isa() != Isa::Scalar && hd.is_multiple_of(8) {
         // SAFETY: `best_isa()` found AVX2 and FMA on this CPU.
@@ -813,6 +825,105 @@ mod avx2 {
         for j in n - n % 4..n {
             for (i, qi) in q.chunks_exact(hd).enumerate() {
                 out[i * n + j] = super::dot(qi, &k[j * hd..(j + 1) * hd]) * scale;
+            }
+        }
+    }
+
+    /// [`super::attention_scores`] for `hd` a multiple of 16, on 512-bit vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512F (and so AVX2 and FMA).
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn attention_scores512(
+        q: &[f32],
+        k: &[f32],
+        hd: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let n = k.len() / hd;
+        let load = |x: &[f32], at: usize| {
+            let v = &x[at..at + 16];
+            // SAFETY: `v` is 16 f32s, one unaligned 512-bit load; AVX512F is enabled here.
+            unsafe { _mm512_loadu_ps(v.as_ptr()) }
+        };
+        for j in (0..n - n % 4).step_by(4) {
+            for (i, qi) in q.chunks_exact(hd).enumerate() {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for c in (0..hd).step_by(16) {
+                    let qv = load(qi, c);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(qv, load(k, (j + t) * hd + c), *a);
+                    }
+                }
+                // Halves added to 256 bits, then the four reduced together as in
+                // `attention_scores`.
+                let half = acc.map(|a| {
+                    let upper = _mm512_extractf64x4_pd(_mm512_castps_pd(a), 1);
+                    _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(upper))
+                });
+                let h = _mm256_hadd_ps(
+                    _mm256_hadd_ps(half[0], half[1]),
+                    _mm256_hadd_ps(half[2], half[3]),
+                );
+                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                let s = _mm_mul_ps(s, _mm_set1_ps(scale));
+                let dst = &mut out[i * n + j..i * n + j + 4];
+                // SAFETY: `dst` is 4 f32s, one unaligned 128-bit store.
+                unsafe { _mm_storeu_ps(dst.as_mut_ptr(), s) };
+            }
+        }
+        for j in n - n % 4..n {
+            for (i, qi) in q.chunks_exact(hd).enumerate() {
+                out[i * n + j] = super::dot(qi, &k[j * hd..(j + 1) * hd]) * scale;
+            }
+        }
+    }
+
+    /// [`super::weighted_sums`] for `hd` a multiple of 16, on 512-bit vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512F.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn weighted_sums512(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        let n = v.len() / hd;
+        for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
+            let mut c = 0;
+            // 64 columns (4 accumulators) at a time while they last, then 16.
+            while c + 64 <= hd {
+                weighted_columns512::<4>(pi, v, hd, c, o);
+                c += 64;
+            }
+            while c < hd {
+                weighted_columns512::<1>(pi, v, hd, c, o);
+                c += 16;
+            }
+        }
+    }
+
+    /// Columns `c .. c + 16W` of `o = sum_j p[j] * v_j`.
+    #[inline(always)]
+    fn weighted_columns512<const W: usize>(
+        p: &[f32],
+        v: &[f32],
+        hd: usize,
+        c: usize,
+        o: &mut [f32],
+    ) {
+        // SAFETY (all intrinsics): inlined only into `weighted_sums512`, compiled with
+        // AVX512F; every load and store is of 16 f32s of a slice checked to hold them.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); W];
+            for (j, &pj) in p.iter().enumerate() {
+                let b = _mm512_set1_ps(pj);
+                let row = &v[j * hd + c..j * hd + c + 16 * W];
+                for (w, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(b, _mm512_loadu_ps(row[16 * w..].as_ptr()), *a);
+                }
+            }
+            let dst = &mut o[c..c + 16 * W];
+            for (w, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(dst[16 * w..].as_mut_ptr(), *a);
             }
         }
     }

@@ -621,8 +621,9 @@ mod tests {
 
     #[test]
     fn attention_split_over_key_ranges_equals_one_softmax() {
-        // hd 16 takes the SIMD kernels, hd 12 the portable ones.
-        for hd in [16, 12] {
+        // hd 16 and 80 take the 512-bit kernels where there are, 24 the 256-bit ones, 12
+        // the portable ones.
+        for hd in [16, 80, 24, 12] {
             attention_split_over_key_ranges(hd);
         }
     }
