@@ -782,6 +782,86 @@ mod avx2 {
         }
     }
 
+    /// An f32 vector type for the attention kernels.
+    trait F32s: Copy {
+        /// Lanes per vector.
+        const LANES: usize;
+        fn zero() -> Self;
+        /// The `LANES` f32s from `at` of `x`.
+        fn load(x: &[f32], at: usize) -> Self;
+        /// `a * b + c`.
+        fn fma(a: Self, b: Self, c: Self) -> Self;
+        /// `v` broadcast to every lane.
+        fn splat(v: f32) -> Self;
+        /// Stores the `LANES` f32s to the start of `x`.
+        fn store(self, x: &mut [f32]);
+        /// Lanes summed pairwise down to 8 (lane i of the result: lanes i, i + 8, ...).
+        fn to_256(self) -> __m256;
+    }
+
+    impl F32s for __m256 {
+        const LANES: usize = 8;
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY (each method): only reached from functions compiled with AVX2 and
+            // FMA; every load and store is of 8 f32s of a slice checked to hold them.
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        fn load(x: &[f32], at: usize) -> Self {
+            unsafe { _mm256_loadu_ps(x[at..at + 8].as_ptr()) }
+        }
+        #[inline(always)]
+        fn fma(a: Self, b: Self, c: Self) -> Self {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            unsafe { _mm256_set1_ps(v) }
+        }
+        #[inline(always)]
+        fn store(self, x: &mut [f32]) {
+            unsafe { _mm256_storeu_ps(x[..8].as_mut_ptr(), self) }
+        }
+        #[inline(always)]
+        fn to_256(self) -> __m256 {
+            self
+        }
+    }
+
+    impl F32s for __m512 {
+        const LANES: usize = 16;
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY (each method): only reached from functions compiled with AVX512F;
+            // every load and store is of 16 f32s of a slice checked to hold them.
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        fn load(x: &[f32], at: usize) -> Self {
+            unsafe { _mm512_loadu_ps(x[at..at + 16].as_ptr()) }
+        }
+        #[inline(always)]
+        fn fma(a: Self, b: Self, c: Self) -> Self {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn splat(v: f32) -> Self {
+            unsafe { _mm512_set1_ps(v) }
+        }
+        #[inline(always)]
+        fn store(self, x: &mut [f32]) {
+            unsafe { _mm512_storeu_ps(x[..16].as_mut_ptr(), self) }
+        }
+        #[inline(always)]
+        fn to_256(self) -> __m256 {
+            unsafe {
+                let upper = _mm512_extractf64x4_pd(_mm512_castps_pd(self), 1);
+                _mm256_add_ps(_mm512_castps512_ps256(self), _mm256_castpd_ps(upper))
+            }
+        }
+    }
+
     /// [`super::attention_scores`] for `hd` a multiple of 8.
     ///
     /// # Safety
@@ -794,39 +874,7 @@ mod avx2 {
         scale: f32,
         out: &mut [f32],
     ) {
-        let n = k.len() / hd;
-        let load = |x: &[f32], at: usize| {
-            let v = &x[at..at + 8];
-            // SAFETY: `v` is 8 f32s, one unaligned 256-bit load; AVX is enabled here.
-            unsafe { _mm256_loadu_ps(v.as_ptr()) }
-        };
-        // Four keys at a time: four accumulators reduced together by three `hadd`s.
-        for j in (0..n - n % 4).step_by(4) {
-            for (i, qi) in q.chunks_exact(hd).enumerate() {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for c in (0..hd).step_by(8) {
-                    let qv = load(qi, c);
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(qv, load(k, (j + t) * hd + c), *a);
-                    }
-                }
-                let h = _mm256_hadd_ps(
-                    _mm256_hadd_ps(acc[0], acc[1]),
-                    _mm256_hadd_ps(acc[2], acc[3]),
-                );
-                // Lane t of each half holds half of key j + t's sum.
-                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-                let s = _mm_mul_ps(s, _mm_set1_ps(scale));
-                let dst = &mut out[i * n + j..i * n + j + 4];
-                // SAFETY: `dst` is 4 f32s, one unaligned 128-bit store.
-                unsafe { _mm_storeu_ps(dst.as_mut_ptr(), s) };
-            }
-        }
-        for j in n - n % 4..n {
-            for (i, qi) in q.chunks_exact(hd).enumerate() {
-                out[i * n + j] = super::dot(qi, &k[j * hd..(j + 1) * hd]) * scale;
-            }
-        }
+        scores::<__m256>(q, k, hd, scale, out);
     }
 
     /// [`super::attention_scores`] for `hd` a multiple of 16, on 512-bit vectors.
@@ -841,89 +889,41 @@ mod avx2 {
         scale: f32,
         out: &mut [f32],
     ) {
+        scores::<__m512>(q, k, hd, scale, out);
+    }
+
+    #[inline(always)]
+    fn scores<V: F32s>(q: &[f32], k: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
         let n = k.len() / hd;
-        let load = |x: &[f32], at: usize| {
-            let v = &x[at..at + 16];
-            // SAFETY: `v` is 16 f32s, one unaligned 512-bit load; AVX512F is enabled here.
-            unsafe { _mm512_loadu_ps(v.as_ptr()) }
-        };
+        // Four keys at a time: four accumulators reduced together by three `hadd`s.
         for j in (0..n - n % 4).step_by(4) {
             for (i, qi) in q.chunks_exact(hd).enumerate() {
-                let mut acc = [_mm512_setzero_ps(); 4];
-                for c in (0..hd).step_by(16) {
-                    let qv = load(qi, c);
+                let mut acc = [V::zero(); 4];
+                for c in (0..hd).step_by(V::LANES) {
+                    let qv = V::load(qi, c);
                     for (t, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(qv, load(k, (j + t) * hd + c), *a);
+                        *a = V::fma(qv, V::load(k, (j + t) * hd + c), *a);
                     }
                 }
-                // Halves added to 256 bits, then the four reduced together as in
-                // `attention_scores`.
-                let half = acc.map(|a| {
-                    let upper = _mm512_extractf64x4_pd(_mm512_castps_pd(a), 1);
-                    _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(upper))
-                });
-                let h = _mm256_hadd_ps(
-                    _mm256_hadd_ps(half[0], half[1]),
-                    _mm256_hadd_ps(half[2], half[3]),
-                );
-                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-                let s = _mm_mul_ps(s, _mm_set1_ps(scale));
-                let dst = &mut out[i * n + j..i * n + j + 4];
-                // SAFETY: `dst` is 4 f32s, one unaligned 128-bit store.
-                unsafe { _mm_storeu_ps(dst.as_mut_ptr(), s) };
+                let acc = acc.map(V::to_256);
+                // SAFETY: inlined only into the entry points above, compiled with AVX2;
+                // `dst` is 4 f32s, one unaligned 128-bit store.
+                unsafe {
+                    let h = _mm256_hadd_ps(
+                        _mm256_hadd_ps(acc[0], acc[1]),
+                        _mm256_hadd_ps(acc[2], acc[3]),
+                    );
+                    // Lane t of each half holds half of key j + t's sum.
+                    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                    let s = _mm_mul_ps(s, _mm_set1_ps(scale));
+                    let dst = &mut out[i * n + j..i * n + j + 4];
+                    _mm_storeu_ps(dst.as_mut_ptr(), s);
+                }
             }
         }
         for j in n - n % 4..n {
             for (i, qi) in q.chunks_exact(hd).enumerate() {
                 out[i * n + j] = super::dot(qi, &k[j * hd..(j + 1) * hd]) * scale;
-            }
-        }
-    }
-
-    /// [`super::weighted_sums`] for `hd` a multiple of 16, on 512-bit vectors.
-    ///
-    /// # Safety
-    /// The CPU must support AVX512F.
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    pub(super) unsafe fn weighted_sums512(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
-        let n = v.len() / hd;
-        for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
-            let mut c = 0;
-            // 64 columns (4 accumulators) at a time while they last, then 16.
-            while c + 64 <= hd {
-                weighted_columns512::<4>(pi, v, hd, c, o);
-                c += 64;
-            }
-            while c < hd {
-                weighted_columns512::<1>(pi, v, hd, c, o);
-                c += 16;
-            }
-        }
-    }
-
-    /// Columns `c .. c + 16W` of `o = sum_j p[j] * v_j`.
-    #[inline(always)]
-    fn weighted_columns512<const W: usize>(
-        p: &[f32],
-        v: &[f32],
-        hd: usize,
-        c: usize,
-        o: &mut [f32],
-    ) {
-        // SAFETY (all intrinsics): inlined only into `weighted_sums512`, compiled with
-        // AVX512F; every load and store is of 16 f32s of a slice checked to hold them.
-        unsafe {
-            let mut acc = [_mm512_setzero_ps(); W];
-            for (j, &pj) in p.iter().enumerate() {
-                let b = _mm512_set1_ps(pj);
-                let row = &v[j * hd + c..j * hd + c + 16 * W];
-                for (w, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(b, _mm512_loadu_ps(row[16 * w..].as_ptr()), *a);
-                }
-            }
-            let dst = &mut o[c..c + 16 * W];
-            for (w, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(dst[16 * w..].as_mut_ptr(), *a);
             }
         }
     }
@@ -934,39 +934,53 @@ mod avx2 {
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        weighted::<__m256>(p, v, hd, out);
+    }
+
+    /// [`super::weighted_sums`] for `hd` a multiple of 16, on 512-bit vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512F.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn weighted_sums512(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        weighted::<__m512>(p, v, hd, out);
+    }
+
+    #[inline(always)]
+    fn weighted<V: F32s>(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
         let n = v.len() / hd;
         for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
             let mut c = 0;
-            // 64 columns (8 accumulators) at a time while they last, then 8.
-            while c + 64 <= hd {
-                weighted_columns::<8>(pi, v, hd, c, o);
-                c += 64;
+            // Four accumulators at a time while they last, then one.
+            while c + 4 * V::LANES <= hd {
+                weighted_columns::<V, 4>(pi, v, hd, c, o);
+                c += 4 * V::LANES;
             }
             while c < hd {
-                weighted_columns::<1>(pi, v, hd, c, o);
-                c += 8;
+                weighted_columns::<V, 1>(pi, v, hd, c, o);
+                c += V::LANES;
             }
         }
     }
 
-    /// Columns `c .. c + 8W` of `o = sum_j p[j] * v_j`.
+    /// Columns `c .. c + W * LANES` of `o = sum_j p[j] * v_j`, accumulated in registers.
     #[inline(always)]
-    fn weighted_columns<const W: usize>(p: &[f32], v: &[f32], hd: usize, c: usize, o: &mut [f32]) {
-        // SAFETY (all intrinsics): inlined only into `weighted_sums`, compiled with AVX2
-        // and FMA; every load and store is of 8 f32s of a slice checked to hold them.
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); W];
-            for (j, &pj) in p.iter().enumerate() {
-                let b = _mm256_set1_ps(pj);
-                let row = &v[j * hd + c..j * hd + c + 8 * W];
-                for (w, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(b, _mm256_loadu_ps(row[8 * w..].as_ptr()), *a);
-                }
+    fn weighted_columns<V: F32s, const W: usize>(
+        p: &[f32],
+        v: &[f32],
+        hd: usize,
+        c: usize,
+        o: &mut [f32],
+    ) {
+        let mut acc = [V::zero(); W];
+        for (j, &pj) in p.iter().enumerate() {
+            let b = V::splat(pj);
+            for (w, a) in acc.iter_mut().enumerate() {
+                *a = V::fma(b, V::load(v, j * hd + c + w * V::LANES), *a);
             }
-            let dst = &mut o[c..c + 8 * W];
-            for (w, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(dst[8 * w..].as_mut_ptr(), *a);
-            }
+        }
+        for (w, a) in acc.iter().enumerate() {
+            a.store(&mut o[c + w * V::LANES..]);
         }
     }
 
