@@ -41,6 +41,9 @@ pub struct UndoEntry {
 pub struct UndoRecord {
     /// One entry per touched file, in apply order.
     pub entries: Vec<UndoEntry>,
+    /// Directories the apply created for new files, deepest first; undo removes those
+    /// still empty.
+    pub created_dirs: Vec<PathBuf>,
 }
 
 /// One file's checked change: what it holds now and what it will hold.
@@ -375,9 +378,14 @@ fn set_state(
     }
 }
 
-/// Write a checked plan; on failure, restore what was already written.
-pub(crate) fn commit(steps: &[Planned]) -> Result<(), PatchError> {
+/// Write a checked plan; on failure, restore what was already written. Returns the
+/// directories it created, deepest first.
+pub(crate) fn commit(steps: &[Planned]) -> Result<Vec<PathBuf>, PatchError> {
+    let mut created = Vec::new();
     for (i, s) in steps.iter().enumerate() {
+        if s.after.is_some() {
+            created.extend(missing_dirs(&s.target));
+        }
         if let Err(e) = set_state(&s.path, &s.target, s.after.as_deref(), s.perms.as_ref()) {
             for done in steps[..i].iter().rev() {
                 let _ = set_state(
@@ -387,10 +395,36 @@ pub(crate) fn commit(steps: &[Planned]) -> Result<(), PatchError> {
                     done.perms.as_ref(),
                 );
             }
+            remove_empty_dirs(&deepest_first(created));
             return Err(e);
         }
     }
-    Ok(())
+    Ok(deepest_first(created))
+}
+
+/// The ancestors of `target` that do not exist yet, nearest first.
+fn missing_dirs(target: &Path) -> Vec<PathBuf> {
+    target
+        .ancestors()
+        .skip(1)
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf)
+        .collect()
+}
+
+fn deepest_first(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
+    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    dirs.dedup();
+    dirs
+}
+
+/// Removes each of `dirs` (deepest first) that is empty; one that is not, or is gone, stays
+/// as it is.
+pub(super) fn remove_empty_dirs(dirs: &[PathBuf]) {
+    for d in dirs {
+        // Fails, harmlessly, on a directory that holds something or no longer exists.
+        let _ = fs::remove_dir(d);
+    }
 }
 
 /// Apply `edits` under `root`, all or nothing; `expected` maps an edit path to the file's hash when the reply was made.
@@ -400,13 +434,14 @@ pub fn apply_edits(
     expected: &HashMap<String, u64>,
 ) -> Result<UndoRecord, PatchError> {
     let steps = plan(root, edits, expected)?;
-    commit(&steps)?;
-    Ok(record(steps))
+    let created_dirs = commit(&steps)?;
+    Ok(record(steps, created_dirs))
 }
 
-/// The undo record of a committed plan.
-pub(crate) fn record(steps: Vec<Planned>) -> UndoRecord {
+/// The undo record of a committed plan that created `created_dirs`.
+pub(crate) fn record(steps: Vec<Planned>, created_dirs: Vec<PathBuf>) -> UndoRecord {
     UndoRecord {
+        created_dirs,
         entries: steps
             .into_iter()
             .map(|s| UndoEntry {
@@ -461,7 +496,9 @@ pub(super) fn restore(record: &UndoRecord, force: bool) -> Result<(), PatchError
             perms,
         });
     }
-    commit(&steps)
+    commit(&steps)?;
+    remove_empty_dirs(&record.created_dirs);
+    Ok(())
 }
 
 #[cfg(all(test, unix))]
@@ -568,13 +605,21 @@ mod tests {
         assert_eq!(fs::read_to_string(root.join("notes.md")).unwrap(), "# hi\n");
         assert_eq!(rec.entries.len(), 3);
         assert_eq!(rec.entries[0].previous, None);
+        assert_eq!(rec.created_dirs, [root.join("src/new"), root.join("src")]);
         undo(&rec).unwrap();
-        let after: Vec<_> = snapshot(root)
-            .into_iter()
-            .filter(|(p, _)| !p.starts_with(root.join("src")))
-            .collect();
-        assert_eq!(after, before);
-        assert!(!root.join("src/new/lib.rs").exists());
+        assert_eq!(snapshot(root), before);
+        // The directories the apply made for the new file went with it.
+        assert!(!root.join("src").exists());
+
+        // A directory that holds something of the user's by the time of the undo stays.
+        let rec = apply_edits(root, &edits[..1], &none()).unwrap();
+        fs::write(root.join("src/mine.rs"), "// mine\n").unwrap();
+        undo(&rec).unwrap();
+        assert!(!root.join("src/new").exists());
+        assert_eq!(
+            fs::read_to_string(root.join("src/mine.rs")).unwrap(),
+            "// mine\n"
+        );
     }
 
     #[test]

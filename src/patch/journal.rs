@@ -33,6 +33,9 @@ static SCRATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
 struct Manifest {
     version: u32,
     entries: Vec<ManifestEntry>,
+    /// Absent in levels written before plait recorded created directories.
+    #[serde(default)]
+    created_dirs: Vec<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -207,6 +210,7 @@ impl Journal {
         let manifest = Manifest {
             version: FORMAT_VERSION,
             entries,
+            created_dirs: record.created_dirs.clone(),
         };
         let file = dir.join(MANIFEST);
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| {
@@ -340,7 +344,10 @@ fn load_level(level: &Path) -> Result<UndoRecord, PatchError> {
             previous_mode: m.previous_mode,
         });
     }
-    Ok(UndoRecord { entries })
+    Ok(UndoRecord {
+        entries,
+        created_dirs: manifest.created_dirs,
+    })
 }
 
 #[cfg(all(test, unix))]
@@ -420,6 +427,8 @@ mod tests {
         assert_eq!(rec.entries.len(), 3);
         assert_eq!(fs::read_to_string(root.join("a.txt")).unwrap(), "two\n");
         assert!(!root.join("new/b.txt").exists());
+        // The directory made for it is gone too, also through a reopened journal.
+        assert!(!root.join("new").exists());
         assert_eq!(
             fs::read_to_string(root.join("run.sh")).unwrap(),
             "echo hi\n"
@@ -431,6 +440,15 @@ mod tests {
         assert_eq!(fs::read_to_string(root.join("a.txt")).unwrap(), "one\n");
         assert_eq!(j.depth().unwrap(), 0);
         assert!(j.undo_last(false).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_level_from_before_created_dirs_still_loads() {
+        let m: Manifest = serde_json::from_str(&format!(
+            r#"{{"version": {FORMAT_VERSION}, "entries": []}}"#
+        ))
+        .unwrap();
+        assert!(m.created_dirs.is_empty());
     }
 
     #[test]

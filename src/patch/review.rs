@@ -228,8 +228,8 @@ pub fn apply_reviewed(changes: &[(&FileChange, &[bool])]) -> Result<UndoRecord, 
             perms: p.perms.clone(),
         });
     }
-    commit(&steps)?;
-    Ok(record(steps))
+    let created_dirs = commit(&steps)?;
+    Ok(record(steps, created_dirs))
 }
 
 fn current_bytes(path: &str, target: &PathBuf) -> Result<Option<Vec<u8>>, PatchError> {
