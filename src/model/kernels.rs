@@ -348,22 +348,29 @@ fn best_isa() -> Isa {
     })
 }
 
+/// The widest f32 vector (16 or 8 lanes) this CPU has that divides `hd`; 0 for none.
+#[cfg(target_arch = "x86_64")]
+fn f32_lanes(hd: usize) -> usize {
+    match best_isa() {
+        Isa::Vnni512 if hd.is_multiple_of(16) => 16,
+        Isa::Scalar => 0,
+        _ if hd.is_multiple_of(8) => 8,
+        _ => 0,
+    }
+}
+
 /// Attention scores `out[i * n + j] = scale * (q_i . k_j)` for the `hd`-long rows of `q`
 /// (`nq` of them) and of `k` (`n`).
 pub(crate) fn attention_scores(q: &[f32], k: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
     let (nq, n) = (q.len() / hd, k.len() / hd);
     assert_eq!(out.len(), nq * n, "attention_scores: out is not nq * n");
     #[cfg(target_arch = "x86_64")]
-    if best_isa() == Isa::Vnni512 && hd.is_multiple_of(16) {
-        // SAFETY: `best_isa()` found AVX512F on this CPU.
-        unsafe { avx2::attention_scores512(q, k, hd, scale, out) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if best_isa() != Isa::Scalar && hd.is_multiple_of(8) {
-        // SAFETY: `best_isa()` found AVX2 and FMA on this CPU.
-        unsafe { avx2::attention_scores(q, k, hd, scale, out) };
-        return;
+    match f32_lanes(hd) {
+        // SAFETY: `f32_lanes` found AVX512F on this CPU.
+        16 => return unsafe { avx2::attention_scores512(q, k, hd, scale, out) },
+        // SAFETY: `f32_lanes` found AVX2 and FMA on this CPU.
+        8 => return unsafe { avx2::attention_scores(q, k, hd, scale, out) },
+        _ => {}
     }
     for (i, qi) in q.chunks_exact(hd).enumerate() {
         for (j, kj) in k.chunks_exact(hd).enumerate() {
@@ -378,16 +385,12 @@ pub(crate) fn weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
     let (nq, n) = (out.len() / hd, v.len() / hd);
     assert_eq!(p.len(), nq * n, "weighted_sums: p is not nq * n");
     #[cfg(target_arch = "x86_64")]
-    if best_isa() == Isa::Vnni512 && hd.is_multiple_of(16) {
-        // SAFETY: `best_isa()` found AVX512F on this CPU.
-        unsafe { avx2::weighted_sums512(p, v, hd, out) };
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if best_isa() != Isa::Scalar && hd.is_multiple_of(8) {
-        // SAFETY: `best_isa()` found AVX2 and FMA on this CPU.
-        unsafe { avx2::weighted_sums(p, v, hd, out) };
-        return;
+    match f32_lanes(hd) {
+        // SAFETY: `f32_lanes` found AVX512F on this CPU.
+        16 => return unsafe { avx2::weighted_sums512(p, v, hd, out) },
+        // SAFETY: `f32_lanes` found AVX2 and FMA on this CPU.
+        8 => return unsafe { avx2::weighted_sums(p, v, hd, out) },
+        _ => {}
     }
     for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
         o.fill(0.0);

@@ -420,7 +420,7 @@ fn deepest_first(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
 
 /// Removes each of `dirs` (deepest first) that is empty; one that is not, or is gone, stays
 /// as it is.
-pub(super) fn remove_empty_dirs(dirs: &[PathBuf]) {
+fn remove_empty_dirs(dirs: &[PathBuf]) {
     for d in dirs {
         // Fails, harmlessly, on a directory that holds something or no longer exists.
         let _ = fs::remove_dir(d);

@@ -143,20 +143,28 @@ pub(super) fn decode_step(
             // loop 0's keys 0..=pos, each key read once for all of them; the keys split
             // into `chunks` ranges so that every core works, merged after.
             let keys = pos + 1;
-            let nq = group * loops;
+            let (nq, width) = (group * loops, group * hd);
             let chunks = key_chunks(keys, kv_heads);
             let piece = nq * (hd + 2);
+            // `[kv_heads, loops, group * hd]`: each KV head's queries in one run, gathered
+            // once for all of its key ranges.
+            let by_kv_head: Vec<f32> = (0..kv_heads)
+                .flat_map(|g| {
+                    q.chunks_exact(qw)
+                        .flat_map(move |r| &r[g * width..(g + 1) * width])
+                })
+                .copied()
+                .collect();
             let mut partials = vec![0f32; kv_heads * chunks * piece];
             parallel_pieces(&mut partials, piece, |t, out| {
                 let (g, c) = (t / chunks, t % chunks);
                 let span = g * cap + c * keys / chunks..g * cap + (c + 1) * keys / chunks;
                 let span = span.start * hd..span.end * hd;
-                let queries = group_queries(&q, g, group * hd, qw);
-                attend_partial(&queries, &k0[span.clone()], &v0[span], scale, None, out);
+                let queries = &by_kv_head[g * nq * hd..(g + 1) * nq * hd];
+                attend_partial(queries, &k0[span.clone()], &v0[span], scale, None, out);
             });
             for (g, pieces) in partials.chunks_exact(chunks * piece).enumerate() {
                 let merged = merge_partials(pieces, chunks, nq, hd);
-                let width = group * hd;
                 for (row, m) in attn.chunks_exact_mut(qw).zip(merged.chunks_exact(width)) {
                     row[g * width..(g + 1) * width].copy_from_slice(m);
                 }
@@ -315,14 +323,6 @@ fn key_chunks(keys: usize, kv_heads: usize) -> usize {
 
 /// Fewer keys than this per task cost more in merging than they save.
 const MIN_CHUNK_KEYS: usize = 32;
-
-/// The `width` floats of query group `g` from each `row`-long row of `q`, one after another.
-fn group_queries(q: &[f32], g: usize, width: usize, row: usize) -> Vec<f32> {
-    q.chunks_exact(row)
-        .flat_map(|r| &r[g * width..(g + 1) * width])
-        .copied()
-        .collect()
-}
 
 /// Softmax attention of the queries `q` (`[nq, hd]`, hd = `out.len() / nq - 2`) over the
 /// `[keys, hd]` rows of `k` and `v`, leaving out keys whose `valid` entry is false. Written
