@@ -15,7 +15,10 @@ pub(crate) struct CacheShape {
     pub head_dim: usize,
     pub hidden: usize,
     pub window: usize,
+    /// Of the carries (the model's compute dtype).
     pub dtype: DType,
+    /// Of the K/V: the compute dtype, or f16 on the CPU for a quantized model.
+    pub kv_dtype: DType,
 }
 
 /// The KV state of one sequence, passed into the model's forward functions.
@@ -113,7 +116,7 @@ impl PltCache {
         let grow = |old: Option<&Tensor>| -> Result<Tensor> {
             let fresh = Tensor::zeros(
                 (s.kv_heads, new_capacity, s.head_dim),
-                s.dtype,
+                s.kv_dtype,
                 &self.device,
             )?;
             if let Some(old) = old {
@@ -148,10 +151,10 @@ impl PltCache {
         }
         let ring = (loops - 1, s.kv_heads, s.window + 1, s.head_dim);
         self.ring_k = (0..s.layers)
-            .map(|_| Tensor::zeros(ring, s.dtype, &self.device))
+            .map(|_| Tensor::zeros(ring, s.kv_dtype, &self.device))
             .collect::<candle_core::Result<_>>()?;
         self.ring_v = (0..s.layers)
-            .map(|_| Tensor::zeros(ring, s.dtype, &self.device))
+            .map(|_| Tensor::zeros(ring, s.kv_dtype, &self.device))
             .collect::<candle_core::Result<_>>()?;
         self.carries = Some(Tensor::zeros((loops - 1, s.hidden), s.dtype, &self.device)?);
         Ok(())

@@ -17,6 +17,8 @@ use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::CpuStorage;
+use half::{f16, slice::HalfFloatSliceExt};
 
 /// Elements per block (Q4_1, Q8_0 and the Q8_1 activations alike).
 const QK: usize = 32;
@@ -114,12 +116,12 @@ impl Q8Rows {
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let (dd, sum) = quantize_block(xs, out);
-                let dh = f16_to_f32(f32_to_f16(dd));
+                let dh = f16::from_f32(dd).to_f32();
                 d[b * rows + r] = dh;
                 sums[b * rows + r] = sum;
                 // candle: `f16::from_f32(sum as f32) * d`, an f16 product.
-                let sum_h = f16_to_f32(f32_to_f16(sum as f32));
-                s[b * MAX_ROWS + r] = f16_to_f32(f32_to_f16(sum_h * dh));
+                let sum_h = f16::from_f32(sum as f32).to_f32();
+                s[b * MAX_ROWS + r] = f16::from_f32(sum_h * dh).to_f32();
             }
         }
         Self {
@@ -359,9 +361,83 @@ fn f32_lanes(hd: usize) -> usize {
     }
 }
 
+/// An element type of the KV cache: f32, or f16 (half the memory and the bytes attention
+/// reads per token, as llama.cpp's default cache).
+pub(crate) trait KvElem: Copy + Send + Sync + KvSimd + 'static {
+    /// `x` as f32: itself, or converted into `buf`.
+    fn as_f32<'a>(x: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
+    /// `x` rounded to this type.
+    fn from_f32(x: f32) -> Self;
+    /// The elements of CPU storage of this type.
+    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
+    /// The elements of CPU storage of this type, to write.
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+#[cfg(target_arch = "x86_64")]
+use avx2::Load as KvSimd;
+
+/// The SIMD loads of a KV element type (none off x86-64).
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait KvSimd {}
+#[cfg(not(target_arch = "x86_64"))]
+impl KvSimd for f32 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl KvSimd for f16 {}
+
+impl KvElem for f32 {
+    fn as_f32<'a>(x: &'a [Self], _: &'a mut Vec<f32>) -> &'a [f32] {
+        x
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl KvElem for f16 {
+    fn as_f32<'a>(x: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(x.len(), 0.0);
+        x.convert_to_f32_slice(buf);
+        buf
+    }
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F16(v) => Some(v),
+            _ => None,
+        }
+    }
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F16(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
 /// Attention scores `out[i * n + j] = scale * (q_i . k_j)` for the `hd`-long rows of `q`
 /// (`nq` of them) and of `k` (`n`).
-pub(crate) fn attention_scores(q: &[f32], k: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+pub(crate) fn attention_scores<K: KvElem>(
+    q: &[f32],
+    k: &[K],
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let (nq, n) = (q.len() / hd, k.len() / hd);
     assert_eq!(out.len(), nq * n, "attention_scores: out is not nq * n");
     #[cfg(target_arch = "x86_64")]
@@ -372,6 +448,8 @@ pub(crate) fn attention_scores(q: &[f32], k: &[f32], hd: usize, scale: f32, out:
         8 => return unsafe { avx2::attention_scores(q, k, hd, scale, out) },
         _ => {}
     }
+    let mut buf = Vec::new();
+    let k = K::as_f32(k, &mut buf);
     for (i, qi) in q.chunks_exact(hd).enumerate() {
         for (j, kj) in k.chunks_exact(hd).enumerate() {
             out[i * n + j] = dot(qi, kj) * scale;
@@ -381,7 +459,7 @@ pub(crate) fn attention_scores(q: &[f32], k: &[f32], hd: usize, scale: f32, out:
 
 /// `out_i = sum_j p[i * n + j] * v_j` for the `hd`-long rows of `v` (`n` of them) and of
 /// `out` (`nq`).
-pub(crate) fn weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+pub(crate) fn weighted_sums<K: KvElem>(p: &[f32], v: &[K], hd: usize, out: &mut [f32]) {
     let (nq, n) = (out.len() / hd, v.len() / hd);
     assert_eq!(p.len(), nq * n, "weighted_sums: p is not nq * n");
     #[cfg(target_arch = "x86_64")]
@@ -392,6 +470,8 @@ pub(crate) fn weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
         8 => return unsafe { avx2::weighted_sums(p, v, hd, out) },
         _ => {}
     }
+    let mut buf = Vec::new();
+    let v = K::as_f32(v, &mut buf);
     for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
         o.fill(0.0);
         for (&pj, vj) in pi.iter().zip(v.chunks_exact(hd)) {
@@ -431,7 +511,7 @@ fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32
     {
         let mut acc = [[0f32; MAX_ROWS]; TILE];
         for (b, blk) in ws.chunks_exact(TILE * bb).enumerate() {
-            let f16_at = |i: usize| f16_to_f32(u16::from_le_bytes([blk[i], blk[i + 1]]));
+            let f16_at = |i: usize| f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
             let weights = &blk[TILE * scale_bytes..];
             for (c, acc) in acc.iter_mut().enumerate() {
                 let d = f16_at(2 * c);
@@ -473,7 +553,9 @@ fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Format, Isa, Q8Rows, MAX_ROWS, QK, TILE};
+    use half::f16;
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
     /// SIMD kernel for [`super::QuantMatrix::tiles`]: lane c of a vector is column c of
     /// the tile.
@@ -786,12 +868,14 @@ mod avx2 {
     }
 
     /// An f32 vector type for the attention kernels.
-    trait F32s: Copy {
+    pub(crate) trait F32s: Copy {
         /// Lanes per vector.
         const LANES: usize;
         fn zero() -> Self;
         /// The `LANES` f32s from `at` of `x`.
         fn load(x: &[f32], at: usize) -> Self;
+        /// The `LANES` f16s from `at` of `x`, as f32s.
+        fn load_f16(x: &[f16], at: usize) -> Self;
         /// `a * b + c`.
         fn fma(a: Self, b: Self, c: Self) -> Self;
         /// `v` broadcast to every lane.
@@ -813,6 +897,11 @@ mod avx2 {
         #[inline(always)]
         fn load(x: &[f32], at: usize) -> Self {
             unsafe { _mm256_loadu_ps(x[at..at + 8].as_ptr()) }
+        }
+        #[inline(always)]
+        fn load_f16(x: &[f16], at: usize) -> Self {
+            // F16C as well: the 8-lane kernels run only where `best_isa` found it.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(x[at..at + 8].as_ptr().cast())) }
         }
         #[inline(always)]
         fn fma(a: Self, b: Self, c: Self) -> Self {
@@ -845,6 +934,10 @@ mod avx2 {
             unsafe { _mm512_loadu_ps(x[at..at + 16].as_ptr()) }
         }
         #[inline(always)]
+        fn load_f16(x: &[f16], at: usize) -> Self {
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(x[at..at + 16].as_ptr().cast())) }
+        }
+        #[inline(always)]
         fn fma(a: Self, b: Self, c: Self) -> Self {
             unsafe { _mm512_fmadd_ps(a, b, c) }
         }
@@ -865,47 +958,78 @@ mod avx2 {
         }
     }
 
+    /// A KV element type as the attention kernels read it.
+    pub(crate) trait Load: Sized {
+        /// Whether [`Load::block`] converts (into its buffer).
+        const CONVERTS: bool;
+        /// Elements `range` of `x` as f32: `x` itself, or converted into `buf`.
+        fn block<'a, V: F32s>(x: &'a [Self], range: Range<usize>, buf: &'a mut [f32]) -> &'a [f32];
+    }
+
+    impl Load for f32 {
+        const CONVERTS: bool = false;
+        #[inline(always)]
+        fn block<'a, V: F32s>(x: &'a [f32], range: Range<usize>, _: &'a mut [f32]) -> &'a [f32] {
+            &x[range]
+        }
+    }
+
+    impl Load for f16 {
+        const CONVERTS: bool = true;
+        #[inline(always)]
+        fn block<'a, V: F32s>(x: &'a [f16], range: Range<usize>, buf: &'a mut [f32]) -> &'a [f32] {
+            let buf = &mut buf[..range.len()];
+            for (i, at) in range.step_by(V::LANES).enumerate() {
+                V::load_f16(x, at).store(&mut buf[i * V::LANES..]);
+            }
+            buf
+        }
+    }
+
     /// [`super::attention_scores`] for `hd` a multiple of 8.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn attention_scores(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn attention_scores<K: super::KvElem>(
         q: &[f32],
-        k: &[f32],
+        k: &[K],
         hd: usize,
         scale: f32,
         out: &mut [f32],
     ) {
-        scores::<__m256>(q, k, hd, scale, out);
+        scores::<__m256, K>(q, k, hd, scale, out);
     }
 
     /// [`super::attention_scores`] for `hd` a multiple of 16, on 512-bit vectors.
     ///
     /// # Safety
     /// The CPU must support AVX512F (and so AVX2 and FMA).
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    pub(super) unsafe fn attention_scores512(
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    pub(super) unsafe fn attention_scores512<K: super::KvElem>(
         q: &[f32],
-        k: &[f32],
+        k: &[K],
         hd: usize,
         scale: f32,
         out: &mut [f32],
     ) {
-        scores::<__m512>(q, k, hd, scale, out);
+        scores::<__m512, K>(q, k, hd, scale, out);
     }
 
     #[inline(always)]
-    fn scores<V: F32s>(q: &[f32], k: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+    fn scores<V: F32s, K: Load>(q: &[f32], k: &[K], hd: usize, scale: f32, out: &mut [f32]) {
         let n = k.len() / hd;
+        // A group's keys as f32, converted once for all queries when stored as f16.
+        let mut buf = vec![0f32; if K::CONVERTS { 4 * hd } else { 0 }];
         // Four keys at a time: four accumulators reduced together by three `hadd`s.
         for j in (0..n - n % 4).step_by(4) {
+            let keys = K::block::<V>(k, j * hd..(j + 4) * hd, &mut buf);
             for (i, qi) in q.chunks_exact(hd).enumerate() {
                 let mut acc = [V::zero(); 4];
                 for c in (0..hd).step_by(V::LANES) {
                     let qv = V::load(qi, c);
                     for (t, a) in acc.iter_mut().enumerate() {
-                        *a = V::fma(qv, V::load(k, (j + t) * hd + c), *a);
+                        *a = V::fma(qv, V::load(keys, t * hd + c), *a);
                     }
                 }
                 let acc = acc.map(V::to_256);
@@ -925,8 +1049,9 @@ mod avx2 {
             }
         }
         for j in n - n % 4..n {
+            let key = K::block::<V>(k, j * hd..(j + 1) * hd, &mut buf);
             for (i, qi) in q.chunks_exact(hd).enumerate() {
-                out[i * n + j] = super::dot(qi, &k[j * hd..(j + 1) * hd]) * scale;
+                out[i * n + j] = super::dot(qi, key) * scale;
             }
         }
     }
@@ -935,38 +1060,61 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
-        weighted::<__m256>(p, v, hd, out);
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_sums<K: super::KvElem>(
+        p: &[f32],
+        v: &[K],
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        weighted::<__m256, K>(p, v, hd, out);
     }
 
     /// [`super::weighted_sums`] for `hd` a multiple of 16, on 512-bit vectors.
     ///
     /// # Safety
     /// The CPU must support AVX512F.
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    pub(super) unsafe fn weighted_sums512(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
-        weighted::<__m512>(p, v, hd, out);
+    #[target_feature(enable = "avx2,fma,f16c,avx512f")]
+    pub(super) unsafe fn weighted_sums512<K: super::KvElem>(
+        p: &[f32],
+        v: &[K],
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        weighted::<__m512, K>(p, v, hd, out);
     }
 
     #[inline(always)]
-    fn weighted<V: F32s>(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+    fn weighted<V: F32s, K: Load>(p: &[f32], v: &[K], hd: usize, out: &mut [f32]) {
         let n = v.len() / hd;
-        for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
-            let mut c = 0;
-            // Four accumulators at a time while they last, then one.
-            while c + 4 * V::LANES <= hd {
-                weighted_columns::<V, 4>(pi, v, hd, c, o);
-                c += 4 * V::LANES;
-            }
-            while c < hd {
-                weighted_columns::<V, 1>(pi, v, hd, c, o);
-                c += V::LANES;
+        // f16 values in blocks of keys, each converted once for all queries; f32 values are
+        // read in place, as one block.
+        let block = if K::CONVERTS { VALUE_BLOCK } else { n.max(1) };
+        let mut buf = vec![0f32; if K::CONVERTS { block * hd } else { 0 }];
+        for start in (0..n).step_by(block) {
+            let end = (start + block).min(n);
+            let values = K::block::<V>(v, start * hd..end * hd, &mut buf);
+            for (pi, o) in p.chunks_exact(n).zip(out.chunks_exact_mut(hd)) {
+                let (pi, add) = (&pi[start..end], start > 0);
+                let mut c = 0;
+                // Four accumulators at a time while they last, then one.
+                while c + 4 * V::LANES <= hd {
+                    weighted_columns::<V, 4>(pi, values, hd, c, o, add);
+                    c += 4 * V::LANES;
+                }
+                while c < hd {
+                    weighted_columns::<V, 1>(pi, values, hd, c, o, add);
+                    c += V::LANES;
+                }
             }
         }
     }
 
-    /// Columns `c .. c + W * LANES` of `o = sum_j p[j] * v_j`, accumulated in registers.
+    /// Keys per block of converted f16 values.
+    const VALUE_BLOCK: usize = 32;
+
+    /// Columns `c .. c + W * LANES` of `o = sum_j p[j] * v_j` (added to `o` if `add`),
+    /// accumulated in registers.
     #[inline(always)]
     fn weighted_columns<V: F32s, const W: usize>(
         p: &[f32],
@@ -974,8 +1122,14 @@ mod avx2 {
         hd: usize,
         c: usize,
         o: &mut [f32],
+        add: bool,
     ) {
         let mut acc = [V::zero(); W];
+        if add {
+            for (w, a) in acc.iter_mut().enumerate() {
+                *a = V::load(o, c + w * V::LANES);
+            }
+        }
         for (j, &pj) in p.iter().enumerate() {
             let b = V::splat(pj);
             for (w, a) in acc.iter_mut().enumerate() {
@@ -1115,59 +1269,6 @@ mod avx2 {
     }
 }
 
-/// IEEE half (bits) to f32.
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h as u32) & 0x8000) << 16;
-    let exp = ((h >> 10) & 0x1F) as u32;
-    let man = (h & 0x3FF) as u32;
-    let bits = match exp {
-        0 => {
-            // Zero or subnormal: man * 2^-24, exact in f32.
-            let v = man as f32 * f32::from_bits(0x3380_0000);
-            return if sign != 0 { -v } else { v };
-        }
-        0x1F => sign | 0x7F80_0000 | (man << 13),
-        _ => sign | ((exp + 112) << 23) | (man << 13),
-    };
-    f32::from_bits(bits)
-}
-
-/// f32 to IEEE half (bits), rounding to nearest even like `half::f16::from_f32`.
-fn f32_to_f16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let sign = ((bits >> 16) & 0x8000) as u16;
-    let exp = ((bits >> 23) & 0xFF) as i32;
-    let man = bits & 0x7F_FFFF;
-    if exp == 0xFF {
-        return sign | 0x7C00 | if man != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 31 {
-        return sign | 0x7C00;
-    }
-    if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = man | 0x80_0000;
-        let shift = (14 - e) as u32;
-        let mut r = m >> shift;
-        let rem = m & ((1 << shift) - 1);
-        let halfway = 1 << (shift - 1);
-        if rem > halfway || (rem == halfway && r & 1 == 1) {
-            r += 1;
-        }
-        return sign | r as u16;
-    }
-    let mut r = ((e as u32) << 10) | (man >> 13);
-    let rem = man & 0x1FFF;
-    if rem > 0x1000 || (rem == 0x1000 && r & 1 == 1) {
-        // A carry out of the mantissa bumps the exponent, up to infinity: still correct.
-        r += 1;
-    }
-    sign | r as u16
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1205,22 +1306,6 @@ pub(crate) mod tests {
     }
 
     const FORMATS: [GgmlDType; 2] = [GgmlDType::Q4_1, GgmlDType::Q8_0];
-
-    #[test]
-    fn f16_conversions_round_trip() {
-        for h in 0..=u16::MAX {
-            let f = f16_to_f32(h);
-            if f.is_nan() {
-                continue;
-            }
-            assert_eq!(f32_to_f16(f), h, "{h:#x} -> {f}");
-        }
-        // Round to nearest even between 1.0 and the next half (1 + 2^-10).
-        assert_eq!(f32_to_f16(1.0 + 0.5 / 1024.0), 0x3C00);
-        assert_eq!(f32_to_f16(1.0 + 1.5 / 1024.0), 0x3C02);
-        assert_eq!(f32_to_f16(1.0e6), 0x7C00);
-        assert_eq!(f32_to_f16(4064.0), 0x6BF0);
-    }
 
     #[test]
     #[cfg(target_arch = "x86_64")]

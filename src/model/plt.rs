@@ -335,8 +335,24 @@ impl PltModel {
             hidden: c.hidden_size,
             window: c.plt_window,
             dtype: self.dtype,
+            kv_dtype: self.kv_dtype(),
         };
         PltCache::new(shape, &self.device, loops)
+    }
+
+    /// The K/V cache's dtype: f16 on the CPU for quantized weights (llama.cpp's default:
+    /// half the memory and the bytes attention reads), else the compute dtype, so that a
+    /// dense checkpoint keeps the precision its fixtures are checked at.
+    pub fn kv_dtype(&self) -> DType {
+        let quantized = self
+            .layers
+            .first()
+            .is_some_and(|l| matches!(l.q_proj.candle, QMatMul::QTensor(_)));
+        if self.device.is_cpu() && self.dtype == DType::F32 && quantized {
+            DType::F16
+        } else {
+            self.dtype
+        }
     }
 
     fn check_loops(&self, loops: usize) -> Result<()> {
@@ -726,6 +742,14 @@ impl PltModel {
     }
 
     /// RoPE on `[rows, heads, hd]` with each row's `[rows, hd/2]` angles.
+    /// `t` rounded to `dtype` and back to the compute dtype.
+    fn round_to(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype {
+            return Ok(t.clone());
+        }
+        Ok(t.to_dtype(dtype)?.to_dtype(self.dtype)?)
+    }
+
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (rows, heads, hd) = x.dims3()?;
         Ok(if self.rope_interleaved {
@@ -756,6 +780,12 @@ impl PltModel {
         let v = matmul(&layer.v_proj, &x)?.reshape((rows, kv_heads, hd))?;
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
+        // K/V as the cache stores them: this chunk's own keys read the same values as later
+        // positions will (and as the CPU decode step does).
+        let kv = cache.shape.kv_dtype;
+        let (k, v) = (self.round_to(&k, kv)?, self.round_to(&v, kv)?);
+        let stored = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(kv)?) };
+        let computed = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(self.dtype)?) };
         let attn = match *step {
             Step::Prefill {
                 loop_idx,
@@ -765,17 +795,25 @@ impl PltModel {
             } => {
                 let keys = start + rows;
                 if loop_idx == 0 {
-                    cache.k0[li].slice_set(&k.transpose(0, 1)?.contiguous()?, 1, start)?;
-                    cache.v0[li].slice_set(&v.transpose(0, 1)?.contiguous()?, 1, start)?;
+                    cache.k0[li].slice_set(
+                        &stored(&k.transpose(0, 1)?.contiguous()?)?,
+                        1,
+                        start,
+                    )?;
+                    cache.v0[li].slice_set(
+                        &stored(&v.transpose(0, 1)?.contiguous()?)?,
+                        1,
+                        start,
+                    )?;
                 }
-                let k0 = cache.k0[li].narrow(1, 0, keys)?;
-                let v0 = cache.v0[li].narrow(1, 0, keys)?;
+                let k0 = computed(cache.k0[li].narrow(1, 0, keys)?)?;
+                let v0 = computed(cache.v0[li].narrow(1, 0, keys)?)?;
                 let global = attend(&q, &k0, &v0, causal_mask, hd)?;
                 match window {
                     Some((window_mask, ring_sources)) if loop_idx > 0 => {
                         let ring = loop_idx - 1;
-                        let ring_k = cache.ring_k[li].get(ring)?;
-                        let ring_v = cache.ring_v[li].get(ring)?;
+                        let ring_k = computed(cache.ring_k[li].get(ring)?)?;
+                        let ring_v = computed(cache.ring_v[li].get(ring)?)?;
                         let local_k =
                             Tensor::cat(&[&ring_k, &k.transpose(0, 1)?], 1)?.contiguous()?;
                         let local_v =
@@ -783,8 +821,8 @@ impl PltModel {
                         let local = attend(&q, &local_k, &local_v, Some(window_mask), hd)?;
                         let next_k = local_k.index_select(ring_sources, 1)?.unsqueeze(0)?;
                         let next_v = local_v.index_select(ring_sources, 1)?.unsqueeze(0)?;
-                        cache.ring_k[li].slice_set(&next_k, 0, ring)?;
-                        cache.ring_v[li].slice_set(&next_v, 0, ring)?;
+                        cache.ring_k[li].slice_set(&stored(&next_k)?, 0, ring)?;
+                        cache.ring_v[li].slice_set(&stored(&next_v)?, 0, ring)?;
                         let gate = layer.gate(h, &q, c.rms_norm_eps)?;
                         mix(&gate, &global, &local, hd)?
                     }
@@ -794,17 +832,17 @@ impl PltModel {
             Step::Decode { pos, ring_mask } => {
                 // Loop 0 writes position `pos` first: every row's global attention reads it.
                 cache.k0[li].slice_set(
-                    &k.narrow(0, 0, 1)?.transpose(0, 1)?.contiguous()?,
+                    &stored(&k.narrow(0, 0, 1)?.transpose(0, 1)?.contiguous()?)?,
                     1,
                     pos,
                 )?;
                 cache.v0[li].slice_set(
-                    &v.narrow(0, 0, 1)?.transpose(0, 1)?.contiguous()?,
+                    &stored(&v.narrow(0, 0, 1)?.transpose(0, 1)?.contiguous()?)?,
                     1,
                     pos,
                 )?;
-                let k0 = cache.k0[li].narrow(1, 0, pos + 1)?;
-                let v0 = cache.v0[li].narrow(1, 0, pos + 1)?;
+                let k0 = computed(cache.k0[li].narrow(1, 0, pos + 1)?)?;
+                let v0 = computed(cache.v0[li].narrow(1, 0, pos + 1)?)?;
                 let global = attend(&q, &k0, &v0, None, hd)?;
                 if rows == 1 {
                     global
@@ -813,11 +851,14 @@ impl PltModel {
                     let slot = pos % (c.plt_window + 1);
                     let k_up = k.narrow(0, 1, upper)?.unsqueeze(2)?.contiguous()?;
                     let v_up = v.narrow(0, 1, upper)?.unsqueeze(2)?.contiguous()?;
-                    cache.ring_k[li].slice_set(&k_up, 2, slot)?;
-                    cache.ring_v[li].slice_set(&v_up, 2, slot)?;
+                    cache.ring_k[li].slice_set(&stored(&k_up)?, 2, slot)?;
+                    cache.ring_v[li].slice_set(&stored(&v_up)?, 2, slot)?;
                     let q_up = q.narrow(0, 1, upper)?;
-                    let local =
-                        attend_rings(&q_up, &cache.ring_k[li], &cache.ring_v[li], ring_mask, hd)?;
+                    let (ring_k, ring_v) = (
+                        computed(cache.ring_k[li].clone())?,
+                        computed(cache.ring_v[li].clone())?,
+                    );
+                    let local = attend_rings(&q_up, &ring_k, &ring_v, ring_mask, hd)?;
                     let gate = layer.gate(&h.narrow(0, 1, upper)?, &q_up, c.rms_norm_eps)?;
                     let mixed = mix(&gate, &global.narrow(0, 1, upper)?, &local, hd)?;
                     Tensor::cat(&[&global.narrow(0, 0, 1)?, &mixed], 0)?

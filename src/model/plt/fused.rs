@@ -6,9 +6,12 @@
 
 use std::sync::Arc;
 
-use crate::model::kernels::{attention_scores, parallel_pieces, pool_threads, weighted_sums};
+use crate::model::kernels::{
+    attention_scores, parallel_pieces, pool_threads, weighted_sums, KvElem,
+};
 
-use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
+use half::f16;
 
 use super::{Matrix, PltGate, PltModel};
 use crate::model::cache::PltCache;
@@ -87,7 +90,6 @@ pub(super) fn decode_step(
     let w1 = c.plt_window + 1;
     let eps = c.rms_norm_eps as f32;
     let (qw, kw) = (heads * hd, kv_heads * hd);
-    let group = heads / kv_heads;
     // As candle's affine: the f64 factor rounded to f32.
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
 
@@ -134,72 +136,16 @@ pub(super) fn decode_step(
             1 => Vec::new(),
             _ => gate(layer, lw, &h[d..], &q[qw..], loops - 1, hd, eps)?,
         };
-        let mut attn = vec![0f32; loops * qw];
-        {
-            let (k0, k0_layout) = cache.k0[li].storage_and_layout();
-            let (v0, v0_layout) = cache.v0[li].storage_and_layout();
-            let (k0, v0) = (cpu_f32(&k0, k0_layout)?, cpu_f32(&v0, v0_layout)?);
-            // Global attention: per KV head, the queries of its heads in every row over
-            // loop 0's keys 0..=pos, each key read once for all of them; the keys split
-            // into `chunks` ranges so that every core works, merged after.
-            let keys = pos + 1;
-            let (nq, width) = (group * loops, group * hd);
-            let chunks = key_chunks(keys, kv_heads);
-            let piece = nq * (hd + 2);
-            // `[kv_heads, loops, group * hd]`: each KV head's queries in one run, gathered
-            // once for all of its key ranges.
-            let by_kv_head: Vec<f32> = (0..kv_heads)
-                .flat_map(|g| {
-                    q.chunks_exact(qw)
-                        .flat_map(move |r| &r[g * width..(g + 1) * width])
-                })
-                .copied()
-                .collect();
-            let mut partials = vec![0f32; kv_heads * chunks * piece];
-            parallel_pieces(&mut partials, piece, |t, out| {
-                let (g, c) = (t / chunks, t % chunks);
-                let span = g * cap + c * keys / chunks..g * cap + (c + 1) * keys / chunks;
-                let span = span.start * hd..span.end * hd;
-                let queries = &by_kv_head[g * nq * hd..(g + 1) * nq * hd];
-                attend_partial(queries, &k0[span.clone()], &v0[span], scale, None, out);
-            });
-            for (g, pieces) in partials.chunks_exact(chunks * piece).enumerate() {
-                let merged = merge_partials(pieces, chunks, nq, hd);
-                for (row, m) in attn.chunks_exact_mut(qw).zip(merged.chunks_exact(width)) {
-                    row[g * width..(g + 1) * width].copy_from_slice(m);
-                }
-            }
-        }
-        if loops > 1 {
-            // Local attention of rows 1.. over their rings `[loops-1, kv_heads, w1, hd]`,
-            // per (row, KV head), mixed in per head as `g * global + (1 - g) * local`.
-            let (rk, rk_layout) = cache.ring_k[li].storage_and_layout();
-            let (rv, rv_layout) = cache.ring_v[li].storage_and_layout();
-            let (rk, rv) = (cpu_f32(&rk, rk_layout)?, cpu_f32(&rv, rv_layout)?);
-            let piece = group * (hd + 2);
-            let mut local = vec![0f32; (loops - 1) * kv_heads * piece];
-            parallel_pieces(&mut local, piece, |t, out| {
-                let (r, g) = (1 + t / kv_heads, t % kv_heads);
-                let ring = t * w1 * hd..(t + 1) * w1 * hd;
-                let start = r * qw + g * group * hd;
-                let queries = &q[start..start + group * hd];
-                let valid = Some(&ring_valid[..]);
-                attend_partial(queries, &rk[ring.clone()], &rv[ring], scale, valid, out);
-            });
-            for (t, piece) in local.chunks_exact(piece).enumerate() {
-                let (r, g) = (1 + t / kv_heads, t % kv_heads);
-                let local = merge_partials(piece, 1, group, hd);
-                for (hh, l) in local.chunks_exact(hd).enumerate() {
-                    let head = g * group + hh;
-                    let gh = gates[(r - 1) * heads + head];
-                    let o = &mut attn[r * qw + head * hd..r * qw + (head + 1) * hd];
-                    for (o, &l) in o.iter_mut().zip(l) {
-                        *o = l + (*o - l) * gh;
-                    }
-                }
-            }
-        }
-
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            hd,
+            scale,
+        };
+        let attn = match cache.shape.kv_dtype {
+            DType::F16 => attention::<f16>(cache, li, &q, &gates, &ring_valid, shape)?,
+            _ => attention::<f32>(cache, li, &q, &gates, &ring_valid, shape)?,
+        };
         add_assign(&mut h, &project(&[&layer.o_proj], &attn, loops)?);
         let y = rms_norm_rows(&h, &lw.post_attention_norm, eps);
         let ffn = c.intermediate_size;
@@ -220,6 +166,103 @@ pub(super) fn decode_step(
     }
     let logits = model.lm_head.forward_f32(&normed[(loops - 1) * d..], 1)?;
     Ok(Tensor::from_vec(logits, c.vocab_size, &Device::Cpu)?)
+}
+
+/// Head counts and scale of a layer's attention.
+#[derive(Clone, Copy)]
+struct AttentionShape {
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    scale: f32,
+}
+
+/// Layer `li`'s attention for the rows of `q` (`[loops, heads * hd]`), position `pos` =
+/// `cache.len()` already written: every row's global attention over loop 0's keys, rows
+/// 1.. mixed per head with their local attention over their rings by `gates`.
+fn attention<K: KvElem>(
+    cache: &PltCache,
+    li: usize,
+    q: &[f32],
+    gates: &[f32],
+    ring_valid: &[bool],
+    shape: AttentionShape,
+) -> Result<Vec<f32>> {
+    let AttentionShape {
+        heads,
+        kv_heads,
+        hd,
+        scale,
+    } = shape;
+    let (loops, pos, cap) = (cache.loops, cache.len(), cache.capacity);
+    let w1 = ring_valid.len();
+    let (qw, group) = (heads * hd, heads / kv_heads);
+    let mut attn = vec![0f32; loops * qw];
+    {
+        let (k0, k0_layout) = cache.k0[li].storage_and_layout();
+        let (v0, v0_layout) = cache.v0[li].storage_and_layout();
+        let (k0, v0) = (cpu_kv::<K>(&k0, k0_layout)?, cpu_kv::<K>(&v0, v0_layout)?);
+        // Global attention: per KV head, the queries of its heads in every row over
+        // loop 0's keys 0..=pos, each key read once for all of them; the keys split
+        // into `chunks` ranges so that every core works, merged after.
+        let keys = pos + 1;
+        let (nq, width) = (group * loops, group * hd);
+        let chunks = key_chunks(keys, kv_heads);
+        let piece = nq * (hd + 2);
+        // `[kv_heads, loops, group * hd]`: each KV head's queries in one run, gathered
+        // once for all of its key ranges.
+        let by_kv_head: Vec<f32> = (0..kv_heads)
+            .flat_map(|g| {
+                q.chunks_exact(qw)
+                    .flat_map(move |r| &r[g * width..(g + 1) * width])
+            })
+            .copied()
+            .collect();
+        let mut partials = vec![0f32; kv_heads * chunks * piece];
+        parallel_pieces(&mut partials, piece, |t, out| {
+            let (g, c) = (t / chunks, t % chunks);
+            let span = g * cap + c * keys / chunks..g * cap + (c + 1) * keys / chunks;
+            let span = span.start * hd..span.end * hd;
+            let queries = &by_kv_head[g * nq * hd..(g + 1) * nq * hd];
+            attend_partial(queries, &k0[span.clone()], &v0[span], scale, None, out);
+        });
+        for (g, pieces) in partials.chunks_exact(chunks * piece).enumerate() {
+            let merged = merge_partials(pieces, chunks, nq, hd);
+            for (row, m) in attn.chunks_exact_mut(qw).zip(merged.chunks_exact(width)) {
+                row[g * width..(g + 1) * width].copy_from_slice(m);
+            }
+        }
+    }
+    if loops > 1 {
+        // Local attention of rows 1.. over their rings `[loops-1, kv_heads, w1, hd]`,
+        // per (row, KV head), mixed in per head as `g * global + (1 - g) * local`.
+        let (rk, rk_layout) = cache.ring_k[li].storage_and_layout();
+        let (rv, rv_layout) = cache.ring_v[li].storage_and_layout();
+        let (rk, rv) = (cpu_kv::<K>(&rk, rk_layout)?, cpu_kv::<K>(&rv, rv_layout)?);
+        let piece = group * (hd + 2);
+        let mut local = vec![0f32; (loops - 1) * kv_heads * piece];
+        parallel_pieces(&mut local, piece, |t, out| {
+            let (r, g) = (1 + t / kv_heads, t % kv_heads);
+            let ring = t * w1 * hd..(t + 1) * w1 * hd;
+            let start = r * qw + g * group * hd;
+            let queries = &q[start..start + group * hd];
+            let valid = Some(ring_valid);
+            attend_partial(queries, &rk[ring.clone()], &rv[ring], scale, valid, out);
+        });
+        for (t, piece) in local.chunks_exact(piece).enumerate() {
+            let (r, g) = (1 + t / kv_heads, t % kv_heads);
+            let local = merge_partials(piece, 1, group, hd);
+            for (hh, l) in local.chunks_exact(hd).enumerate() {
+                let head = g * group + hh;
+                let gh = gates[(r - 1) * heads + head];
+                let o = &mut attn[r * qw + head * hd..r * qw + (head + 1) * hd];
+                for (o, &l) in o.iter_mut().zip(l) {
+                    *o = l + (*o - l) * gh;
+                }
+            }
+        }
+    }
+    Ok(attn)
 }
 
 /// The gate of loops >= 1, `[rows, heads]`, from the layer's input rows `r` (hidden-state
@@ -328,10 +371,10 @@ const MIN_CHUNK_KEYS: usize = 32;
 /// `[keys, hd]` rows of `k` and `v`, leaving out keys whose `valid` entry is false. Written
 /// to `out` unnormalized, so that key ranges can be merged ([`merge_partials`]): `[nq, hd]`
 /// sums of `exp(score - max) * v`, then the `nq` maxima, then the `nq` sums of the weights.
-fn attend_partial(
+fn attend_partial<K: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[K],
+    v: &[K],
     scale: f32,
     valid: Option<&[bool]>,
     out: &mut [f32],
@@ -431,20 +474,22 @@ fn exp_in_place(x: &mut [f32]) {
     }
 }
 
-/// The f32 elements of a contiguous f32 tensor on the CPU.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+/// The elements of a contiguous CPU tensor of element type `K`.
+fn cpu_kv<'a, K: KvElem>(storage: &'a Storage, layout: &Layout) -> Result<&'a [K]> {
     match (storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => Ok(&v[start..end]),
-        _ => Err(not_cpu_f32()),
+        (Storage::Cpu(cpu), Some((start, end))) => {
+            K::slice(cpu).map(|v| &v[start..end]).ok_or_else(not_cpu_kv)
+        }
+        _ => Err(not_cpu_kv()),
     }
 }
 
-fn not_cpu_f32() -> ModelError {
-    candle_core::Error::Msg("CPU decode: cache tensor is not contiguous f32 on the CPU".into())
-        .into()
+fn not_cpu_kv() -> ModelError {
+    candle_core::Error::Msg("CPU decode: cache tensor is not contiguous on the CPU".into()).into()
 }
 
-/// Writes the `hd`-wide heads of `src` to slot `at` of `t`, `[heads, slots, hd]`.
+/// Writes the `hd`-wide heads of `src` to slot `at` of `t`, `[heads, slots, hd]`, rounded to
+/// the tensor's element type.
 fn write_heads(t: &Tensor, src: &[f32], slots: usize, at: usize, hd: usize) -> Result<()> {
     Ok(t.inplace_op1(&WriteHeads { src, slots, at, hd })?)
 }
@@ -457,22 +502,33 @@ struct WriteHeads<'a> {
     hd: usize,
 }
 
+impl WriteHeads<'_> {
+    fn write<K: KvElem>(&self, storage: &mut CpuStorage, layout: &Layout) -> Option<()> {
+        let (start, end) = layout.contiguous_offsets()?;
+        let dst = &mut K::slice_mut(storage)?[start..end];
+        for (i, head) in self.src.chunks_exact(self.hd).enumerate() {
+            let at = (i * self.slots + self.at) * self.hd;
+            for (d, &x) in dst[at..at + self.hd].iter_mut().zip(head) {
+                *d = K::from_f32(x);
+            }
+        }
+        Some(())
+    }
+}
+
 impl InplaceOp1 for WriteHeads<'_> {
     fn name(&self) -> &'static str {
         "plait-write-heads"
     }
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
-        let (CpuStorage::F32(v), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("CPU decode: cache tensor is not contiguous f32 on the CPU");
+        let written = match storage {
+            CpuStorage::F16(_) => self.write::<f16>(storage, layout),
+            _ => self.write::<f32>(storage, layout),
         };
-        let dst = &mut v[start..end];
-        for (i, head) in self.src.chunks_exact(self.hd).enumerate() {
-            let at = (i * self.slots + self.at) * self.hd;
-            dst[at..at + self.hd].copy_from_slice(head);
-        }
-        Ok(())
+        written.ok_or_else(|| {
+            candle_core::Error::Msg("CPU decode: cache tensor is not contiguous f32 or f16".into())
+        })
     }
 }
 
@@ -632,30 +688,54 @@ mod tests {
         let (nq, n) = (6, 101);
         let (q, k, v) = (lcg(1, nq * hd), lcg(2, n * hd), lcg(3, n * hd));
         let q: Vec<f32> = q.iter().map(|x| x * 4.0).collect();
+        // Values exact in f16, so that an f16 cache must give the f32 cache's answer.
+        let (k16, v16): (Vec<f16>, Vec<f16>) = (
+            k.iter().map(|&x| f16::from_f32(x)).collect(),
+            v.iter().map(|&x| f16::from_f32(x)).collect(),
+        );
+        let k: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+        let v: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
         let valid: Vec<bool> = (0..n).map(|j| j % 7 != 3).collect();
         for mask in [None, Some(&valid[..])] {
             let expected = naive_attention(&q, &k, &v, hd, mask.unwrap_or(&[true; 101]));
             for chunks in 1..=4 {
-                let piece = nq * (hd + 2);
-                let mut pieces = vec![0f32; chunks * piece];
-                for (c, out) in pieces.chunks_exact_mut(piece).enumerate() {
-                    let (a, b) = (c * n / chunks, (c + 1) * n / chunks);
-                    let keys = a * hd..b * hd;
-                    let m = mask.map(|m| &m[a..b]);
-                    attend_partial(&q, &k[keys.clone()], &v[keys], 0.25, m, out);
+                for (dtype, got) in [
+                    ("f32", split_attention(&q, &k, &v, hd, mask, chunks)),
+                    ("f16", split_attention(&q, &k16, &v16, hd, mask, chunks)),
+                ] {
+                    let diff = got
+                        .iter()
+                        .zip(&expected)
+                        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(
+                        diff < 1e-5,
+                        "hd {hd} {dtype} chunks {chunks} mask {}: {diff}",
+                        mask.is_some()
+                    );
                 }
-                let got = merge_partials(&pieces, chunks, nq, hd);
-                let diff = got
-                    .iter()
-                    .zip(&expected)
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(
-                    diff < 1e-5,
-                    "hd {hd} chunks {chunks} mask {}: {diff}",
-                    mask.is_some()
-                );
             }
         }
+    }
+
+    /// [`attend_partial`] over `chunks` key ranges, merged.
+    fn split_attention<K: KvElem>(
+        q: &[f32],
+        k: &[K],
+        v: &[K],
+        hd: usize,
+        mask: Option<&[bool]>,
+        chunks: usize,
+    ) -> Vec<f32> {
+        let (nq, n) = (q.len() / hd, k.len() / hd);
+        let piece = nq * (hd + 2);
+        let mut pieces = vec![0f32; chunks * piece];
+        for (c, out) in pieces.chunks_exact_mut(piece).enumerate() {
+            let (a, b) = (c * n / chunks, (c + 1) * n / chunks);
+            let keys = a * hd..b * hd;
+            let m = mask.map(|m| &m[a..b]);
+            attend_partial(q, &k[keys.clone()], &v[keys], 0.25, m, out);
+        }
+        merge_partials(&pieces, chunks, nq, hd)
     }
 
     #[test]
@@ -688,6 +768,9 @@ mod tests {
                 model.cpu.is_some(),
                 "the CPU f32 model takes the fused path"
             );
+            // Both cache dtypes: f16 for quantized weights, f32 for dense ones.
+            let kv = if quantized { DType::F16 } else { DType::F32 };
+            assert_eq!(model.kv_dtype(), kv);
             for loops in 1..=3 {
                 let fused = decode_run(&model, loops);
                 let cpu = model.cpu.take();
