@@ -122,20 +122,7 @@ fn resolve(root: &Path, path: &str) -> Result<PathBuf, PatchError> {
     let canon_root = fs::canonicalize(root).map_err(io_err(path))?;
     // Canonicalise the deepest existing ancestor (the file itself if it exists).
     let full = canon_root.join(&rel);
-    let mut existing = full.as_path();
-    let mut rest: Vec<&std::ffi::OsStr> = Vec::new();
-    loop {
-        if fs::symlink_metadata(existing).is_ok() {
-            break;
-        }
-        match (existing.file_name(), existing.parent()) {
-            (Some(name), Some(parent)) => {
-                rest.push(name);
-                existing = parent;
-            }
-            _ => break,
-        }
-    }
+    let (existing, rest) = deepest_existing(&full);
     let mut target = fs::canonicalize(existing).map_err(|_| PatchError::OutsideRoot {
         path: path.to_string(),
     })?;
@@ -160,6 +147,23 @@ fn resolve(root: &Path, path: &str) -> Result<PathBuf, PatchError> {
         });
     }
     Ok(target)
+}
+
+/// The deepest ancestor of `path` that exists (`path` itself if it does), and the names
+/// below it, innermost first.
+pub(crate) fn deepest_existing(path: &Path) -> (&Path, Vec<&std::ffi::OsStr>) {
+    let mut existing = path;
+    let mut rest = Vec::new();
+    while fs::symlink_metadata(existing).is_err() {
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent;
+            }
+            _ => break,
+        }
+    }
+    (existing, rest)
 }
 
 /// Apply one edit to the LF text of a file (`None`: the file does not exist).

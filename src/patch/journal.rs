@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::apply::{content_hash, restore, write_atomic, UndoEntry, UndoRecord};
+use super::apply::{content_hash, deepest_existing, restore, write_atomic, UndoEntry, UndoRecord};
 use super::PatchError;
 
 const MANIFEST: &str = "manifest.json";
@@ -110,6 +110,18 @@ pub fn workspace_key(root: &Path) -> Result<String, PatchError> {
     Ok(key_of_canonical(&canon))
 }
 
+/// `path` with its deepest existing ancestor canonicalized (symlinks resolved) and the
+/// rest appended as given.
+fn canonical_prefix(path: &Path) -> std::io::Result<PathBuf> {
+    let (existing, rest) = deepest_existing(path);
+    let base = if existing.as_os_str().is_empty() {
+        std::env::current_dir()?
+    } else {
+        fs::canonicalize(existing)?
+    };
+    Ok(rest.iter().rev().fold(base, |p, name| p.join(name)))
+}
+
 fn scratch_name(kind: &str) -> String {
     format!(
         ".{kind}-{}-{}",
@@ -130,10 +142,12 @@ impl Journal {
     pub fn open(state_dir: &Path, root: &Path) -> Result<Journal, PatchError> {
         let canon_root = fs::canonicalize(root).map_err(io_at(root))?;
         let dir = state_dir.join("undo").join(key_of_canonical(&canon_root));
-        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-        // Edits could otherwise target the journal itself.
-        let canon_dir = fs::canonicalize(&dir).map_err(io_at(&dir))?;
-        if canon_dir.starts_with(&canon_root) {
+        // Edits could otherwise target the journal itself. Checked before anything is
+        // created, so that a refusal leaves the workspace as it was.
+        if canonical_prefix(&dir)
+            .map_err(io_at(&dir))?
+            .starts_with(&canon_root)
+        {
             return Err(invalid(
                 &dir,
                 format!(
@@ -142,6 +156,7 @@ impl Journal {
                 ),
             ));
         }
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let id_file = dir.join(WORKSPACE_FILE);
         let id = path_bytes(&canon_root);
         match fs::read(&id_file) {
@@ -513,6 +528,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("inside the workspace"), "{err}");
+        // The refusal wrote nothing there.
+        assert!(!ws.path().join(".state").exists());
+        // Also through a symlink to a directory in the workspace, not yet holding a journal.
+        #[cfg(unix)]
+        {
+            fs::create_dir(ws.path().join("inner")).unwrap();
+            let outside = tempfile::tempdir().unwrap();
+            let link = outside.path().join("state");
+            std::os::unix::fs::symlink(ws.path().join("inner"), &link).unwrap();
+            let err = Journal::open(&link.join("deeper"), ws.path())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("inside the workspace"), "{err}");
+            assert_eq!(fs::read_dir(ws.path().join("inner")).unwrap().count(), 0);
+        }
     }
 
     #[test]
