@@ -118,7 +118,7 @@ struct UndoArgs {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// Storage type of the weight matrices: q8_0, q4_k, q4_0, f16 or f32.
+    /// Storage type of the weight matrices: q8_0, q4_k, q4_0, q4_1, f16 or f32.
     #[arg(long, value_parser = parse_quant)]
     quant: Quant,
     /// The checkpoint directory.
@@ -129,7 +129,7 @@ struct ConvertArgs {
 
 fn parse_quant(name: &str) -> std::result::Result<Quant, String> {
     Quant::parse(name)
-        .ok_or_else(|| format!("unknown quantization `{name}` (q8_0, q4_k, q4_0, f16, f32)"))
+        .ok_or_else(|| format!("unknown quantization `{name}` (q8_0, q4_k, q4_0, q4_1, f16, f32)"))
 }
 
 #[derive(Args)]
@@ -156,8 +156,16 @@ struct BenchArgs {
     /// `loopcoder-v2` is the released LoopCoder-V2's config (14 layers x 5120).
     #[arg(long, value_name = "CONFIG", conflicts_with = "model")]
     synthetic: Option<String>,
-    /// Also measure the device's copy bandwidth and each decode's fraction of the ceiling
-    /// it sets (weight bytes per token / bandwidth).
+    /// Store the synthetic model's matrices quantized, as `plait convert --quant` would
+    /// (q8_0, q4_k, q4_0, q4_1, f16, f32): its speed on the CPU before converting it.
+    #[arg(long, value_parser = parse_quant, requires = "synthetic")]
+    quant: Option<Quant>,
+    /// Skip the follow-up measurement (a 512-token conversation: minutes for a large model).
+    #[arg(long)]
+    no_followup: bool,
+    /// Also measure the device's memory bandwidth (GPU: a device copy; CPU: a read by every
+    /// thread) and each decode's fraction of the ceiling it sets (weight bytes per token /
+    /// bandwidth).
     #[arg(long)]
     copy_bandwidth: bool,
     #[command(flatten)]
@@ -539,7 +547,7 @@ fn bench(args: BenchArgs) -> Result<()> {
     let (name, model) = match &args.synthetic {
         Some(config) => (
             format!("synthetic {config}"),
-            engine::synthetic_model(config, &placement)?,
+            engine::synthetic_model(config, &placement, args.quant)?,
         ),
         None => {
             let path = model_path(args.model.as_deref())?;
@@ -569,7 +577,9 @@ fn bench(args: BenchArgs) -> Result<()> {
         .loops
         .first()
         .map_or(model.config().plt_num_loops, |&l| usize::from(l));
-    let followup = engine::bench_followup(model, followup_loops, 512, 32)?;
+    let followup = (!args.no_followup)
+        .then(|| engine::bench_followup(model, followup_loops, 512, 32))
+        .transpose()?;
     if args.json {
         let results: Vec<serde_json::Value> = results
             .iter()
@@ -597,12 +607,12 @@ fn bench(args: BenchArgs) -> Result<()> {
             "copy_gb_s": bandwidth,
             "decode_ceiling_tok_s": ceiling,
             "results": results,
-            "followup": {
-                "context_tokens": followup.context_tokens,
-                "new_tokens": followup.new_tokens,
-                "ttft_cached_ms": followup.ttft_cached_ms,
-                "ttft_uncached_ms": followup.ttft_uncached_ms,
-            },
+            "followup": followup.as_ref().map(|f| json!({
+                "context_tokens": f.context_tokens,
+                "new_tokens": f.new_tokens,
+                "ttft_cached_ms": f.ttft_cached_ms,
+                "ttft_uncached_ms": f.ttft_uncached_ms,
+            })),
         });
         println!("{out}");
         return Ok(());
@@ -614,7 +624,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         weight_bytes as f64 / 1e6
     );
     if let (Some(gb_s), Some(ceiling)) = (bandwidth, ceiling) {
-        println!("copy bandwidth {gb_s:.1} GB/s: decode ceiling {ceiling:.1} tok/s");
+        println!("memory bandwidth {gb_s:.1} GB/s: decode ceiling {ceiling:.1} tok/s");
     }
     println!(
         "{:>5} {:>7} {:>5} {:>12} {:>11} {:>9} {:>8} {:>8} {:>10}",
@@ -642,13 +652,12 @@ fn bench(args: BenchArgs) -> Result<()> {
             r.kv_bytes
         );
     }
-    println!(
-        "follow-up of {} tokens after {}: TTFT {:.1} ms with the kept cache, {:.1} ms cold",
-        followup.new_tokens,
-        followup.context_tokens,
-        followup.ttft_cached_ms,
-        followup.ttft_uncached_ms
-    );
+    if let Some(f) = followup {
+        println!(
+            "follow-up of {} tokens after {}: TTFT {:.1} ms with the kept cache, {:.1} ms cold",
+            f.new_tokens, f.context_tokens, f.ttft_cached_ms, f.ttft_uncached_ms
+        );
+    }
     Ok(())
 }
 

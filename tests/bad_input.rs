@@ -312,6 +312,38 @@ fn commands_print_the_documented_json() {
     for field in ["ttft_cached_ms", "ttft_uncached_ms"] {
         assert!(v["followup"][field].as_f64().unwrap() > 0.0, "{field}");
     }
+
+    // A synthetic model stored as a conversion would store it, without the follow-up.
+    let config = fixture("plt-tiny-2loop").join("config.json");
+    let config = config.to_str().unwrap();
+    let (code, stdout, stderr) = plait(&[
+        "bench",
+        "--synthetic",
+        config,
+        "--quant",
+        "q4_1",
+        "--loops",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--no-followup",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["weights"], "Q4_1");
+    assert!(v["followup"].is_null());
+    assert_eq!(v["results"].as_array().unwrap().len(), 1);
+    let (code, _, stderr) = plait(&["bench", "--synthetic", config, "--quant", "q3"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unknown quantization `q3`"), "{stderr}");
+    let (code, _, stderr) = plait(&["bench", "--quant", "q4_1"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--synthetic"), "{stderr}");
 }
 
 #[test]

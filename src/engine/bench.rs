@@ -5,21 +5,26 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 
 use crate::model::{
-    Logits, ModelError, Placement, PltConfig, PltModel, Result, Sampler, SamplingParams,
+    Logits, ModelError, Placement, PltConfig, PltModel, Quant, Result, Sampler, SamplingParams,
 };
 
 /// The released LoopCoder-V2 checkpoint's config.json (from the model contract).
 const LOOPCODER_V2_CONFIG: &str = include_str!("../../assets/loopcoder-v2-config.json");
 
 /// A model with random weights on the placement's device, for speed figures of a checkpoint
-/// one does not have: `config` is a config.json path, or `loopcoder-v2` for the released one.
-pub fn synthetic_model(config: &str, placement: &Placement) -> Result<PltModel> {
+/// one does not have: `config` is a config.json path, or `loopcoder-v2` for the released one;
+/// matrices stored as `quant` when given (as `plait convert` would store them).
+pub fn synthetic_model(
+    config: &str,
+    placement: &Placement,
+    quant: Option<Quant>,
+) -> Result<PltModel> {
     let config = if config == "loopcoder-v2" {
         PltConfig::from_json(LOOPCODER_V2_CONFIG, std::path::Path::new("loopcoder-v2"))?
     } else {
         PltConfig::from_file(std::path::Path::new(config))?
     };
-    PltModel::synthetic(config, placement)
+    PltModel::synthetic(config, placement, quant.map(Quant::ggml))
 }
 
 /// Figures for one loop count.
@@ -211,9 +216,14 @@ pub fn bench_followup(
     })
 }
 
-/// Device-to-device copy bandwidth in GB/s (bytes read plus bytes written per second, best
-/// of `repeats` copies of a `bytes` buffer): the memory ceiling a decode step is held to.
+/// Memory bandwidth in GB/s, the ceiling a decode step is held to: on a GPU a device copy
+/// (bytes read plus bytes written per second), on the CPU a read of a `bytes` buffer by
+/// every worker thread (a copy there would time the page faults of its fresh destination);
+/// best of `repeats`.
 pub fn copy_bandwidth(device: &Device, bytes: usize, repeats: usize) -> Result<f64> {
+    if device.is_cpu() {
+        return Ok(cpu_read_bandwidth(bytes, repeats));
+    }
     let source = Tensor::zeros(bytes, DType::U8, device)?;
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) + 1 {
@@ -225,6 +235,29 @@ pub fn copy_bandwidth(device: &Device, bytes: usize, repeats: usize) -> Result<f
         drop(copy);
     }
     Ok(2.0 * bytes as f64 / best / 1e9)
+}
+
+/// GB/s of candle's worker threads summing disjoint parts of a written `bytes` buffer.
+fn cpu_read_bandwidth(bytes: usize, repeats: usize) -> f64 {
+    // Written (not calloc'd zero pages, which all map one cached page).
+    let words = vec![1u64; (bytes / 8).max(1)];
+    let part = words
+        .len()
+        .div_ceil(candle_core::utils::get_num_threads().max(1));
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) + 1 {
+        let started = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let sums: Vec<_> = words
+                .chunks(part)
+                .map(|p| s.spawn(move || p.iter().fold(0u64, |a, &w| a.wrapping_add(w))))
+                .collect();
+            sums.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        });
+        best = best.min(started.elapsed().as_secs_f64());
+        std::hint::black_box(total);
+    }
+    (words.len() * 8) as f64 / best / 1e9
 }
 
 #[cfg(test)]
@@ -245,7 +278,7 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/plt-tiny-2loop/config.json"
         );
-        let model = synthetic_model(config, &Placement::new(Device::Cpu, None)).unwrap();
+        let model = synthetic_model(config, &Placement::new(Device::Cpu, None), None).unwrap();
         let rounds = bench_loop_counts(&model, &[1, 3], 8, 4, 2).unwrap();
         assert_eq!(rounds.iter().map(|r| r.loops).collect::<Vec<_>>(), [1, 3]);
         for r in &rounds {

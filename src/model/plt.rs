@@ -4,7 +4,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::ops::{rms_norm, sigmoid, softmax_last_dim};
 
@@ -129,10 +129,20 @@ impl PltModel {
     }
 
     /// A model of `config` with random weights made on the device, for benchmarks (speed
-    /// does not depend on the values).
-    pub fn synthetic(config: PltConfig, placement: &Placement) -> Result<Self> {
-        let mut source = RandomWeights::new(placement);
-        let (device, dtype) = (&placement.device, placement.dtype);
+    /// does not depend on the values); matrices stored as `quant` when given (computing in
+    /// f32, as a quantized GGUF model does).
+    pub fn synthetic(
+        config: PltConfig,
+        placement: &Placement,
+        quant: Option<GgmlDType>,
+    ) -> Result<Self> {
+        let mut source = RandomWeights::new(placement, quant);
+        let device = &placement.device;
+        let dtype = if quant.is_some() {
+            DType::F32
+        } else {
+            placement.dtype
+        };
         Self::from_source(config, &mut source, device, dtype, &mut |_| {})
     }
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -210,14 +210,22 @@ impl WeightSource for SafetensorsWeights {
 pub(crate) struct RandomWeights {
     dtype: DType,
     device: Device,
+    /// Matrices quantized to this type where their width is a multiple of its block.
+    quant: Option<GgmlDType>,
 }
 
 impl RandomWeights {
-    /// Weights in `placement`'s dtype on its device (unseeded: speed does not depend on them).
-    pub(crate) fn new(placement: &Placement) -> Self {
+    /// Weights in `placement`'s dtype on its device (unseeded: speed does not depend on
+    /// them), the matrices quantized to `quant` if given (then the rest in f32).
+    pub(crate) fn new(placement: &Placement, quant: Option<GgmlDType>) -> Self {
         Self {
-            dtype: placement.dtype,
+            dtype: if quant.is_some() {
+                DType::F32
+            } else {
+                placement.dtype
+            },
             device: placement.device.clone(),
+            quant,
         }
     }
 }
@@ -225,8 +233,14 @@ impl RandomWeights {
 impl WeightSource for RandomWeights {
     fn matrix(&mut self, _name: &str, shape: &[usize]) -> Result<QMatMul> {
         // Drawn in f32 (not every backend draws half precision) and converted at once.
-        let t = Tensor::randn(0f32, 0.02, shape, &self.device)?.to_dtype(self.dtype)?;
-        Ok(QMatMul::Tensor(t))
+        let t = Tensor::randn(0f32, 0.02, shape, &self.device)?;
+        let width = shape.last().copied().unwrap_or(0);
+        match self.quant {
+            Some(q) if width % q.block_size() == 0 => {
+                Ok(QMatMul::from_qtensor(QTensor::quantize(&t, q)?)?)
+            }
+            _ => Ok(QMatMul::Tensor(t.to_dtype(self.dtype)?)),
+        }
     }
 
     fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
