@@ -37,9 +37,10 @@ enum Format {
 }
 
 impl Format {
+    /// The format `dtype` is read as: Q4_K's sub-blocks enter as Q4_1 blocks.
     fn of(dtype: GgmlDType) -> Option<Self> {
         match dtype {
-            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q4_1 | GgmlDType::Q4K => Some(Self::Q4_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             _ => None,
         }
@@ -60,6 +61,49 @@ impl Format {
             Self::Q8_0 => 32,
         }
     }
+}
+
+/// Bytes of a Q4_K super-block: `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`.
+const Q4_K_BLOCK_BYTES: usize = 144;
+
+/// Q4_K super-blocks (256 weights) as Q4_1 blocks (32): sub-block j has scale `d * sc_j`
+/// and minimum `-dmin * m_j`, rounded to f16 (at most 2^-11 relative, far below the 4-bit
+/// steps), and its 4-bit values in Q4_1's order. `None` for a partial super-block.
+fn q4_k_as_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.len().is_multiple_of(Q4_K_BLOCK_BYTES) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / Q4_K_BLOCK_BYTES * 8 * 20);
+    for sb in bytes.chunks_exact(Q4_K_BLOCK_BYTES) {
+        let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
+        let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
+        let (scales, qs) = (&sb[4..16], &sb[16..]);
+        for j in 0..8 {
+            // ggml's `get_scale_min_k4`: 6-bit scale and minimum of sub-block j.
+            let (sc, m) = if j < 4 {
+                (scales[j] & 63, scales[j + 4] & 63)
+            } else {
+                (
+                    (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+                    (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+                )
+            };
+            out.extend_from_slice(&f16::from_f32(d * f32::from(sc)).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(-dmin * f32::from(m)).to_le_bytes());
+            // Sub-blocks 2c and 2c+1 are the low and high nibbles of bytes 32c..32c+32;
+            // Q4_1 keeps values i and i+16 in byte i.
+            let chunk = &qs[32 * (j / 2)..32 * (j / 2 + 1)];
+            let value = |i: usize| {
+                if j % 2 == 0 {
+                    chunk[i] & 0xF
+                } else {
+                    chunk[i] >> 4
+                }
+            };
+            out.extend((0..16).map(|i| value(i) | (value(i + 16) << 4)));
+        }
+    }
+    Some(out)
 }
 
 /// Output columns per tile of the repacked layout.
@@ -169,6 +213,10 @@ impl QuantMatrix {
             }
             let kb = cols / QK;
             let bytes = t.data().ok()?;
+            let bytes = match t.dtype() {
+                GgmlDType::Q4K => std::borrow::Cow::Owned(q4_k_as_q4_1(&bytes)?),
+                _ => bytes,
+            };
             if bytes.len() != rows * kb * bb {
                 return None;
             }
@@ -1293,6 +1341,12 @@ pub(crate) mod tests {
         QTensor::quantize(&w, dtype).unwrap()
     }
 
+    /// The weights of `q`, row-major.
+    fn dequantized(q: &QTensor) -> Vec<f32> {
+        let w = q.dequantize(&Device::Cpu).unwrap();
+        w.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     fn rms(v: &[f32]) -> f32 {
         (v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64).sqrt() as f32
     }
@@ -1353,12 +1407,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn q4_k_enters_as_q4_1_blocks_of_the_same_weights() {
+        let q = quantized(24, 512, 9, GgmlDType::Q4K);
+        let want = dequantized(&q);
+        let blocks = q4_k_as_q4_1(&q.data().unwrap()).unwrap();
+        let as_q4_1 = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q4_1,
+            &blocks,
+            vec![24, 512],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let got = dequantized(&as_q4_1);
+        // Only the f16 rounding of d * sc and dmin * m, 2^-11 of each: at most 2^-11 of a
+        // sub-block's range (15 * d * sc <= 2 * top) plus of its minimum (<= top). The
+        // 4-bit step itself is about 2 * top / 15, ~200x larger.
+        let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = max_abs_diff(&got, &want);
+        assert!(err <= 3.0 * top / 2048.0, "err {err} vs max {top}");
+        assert!(q4_k_as_q4_1(&blocks[..100]).is_none());
+    }
+
+    #[test]
     fn matches_dequantized_and_candle() {
-        for dtype in FORMATS {
-            for &(n, k) in &[(64, 64), (9, 64), (1536, 576), (576, 1536)] {
+        for dtype in FORMATS.into_iter().chain([GgmlDType::Q4K]) {
+            for &(n, k) in &[(64usize, 64usize), (9, 64), (1536, 576), (576, 1536)] {
+                if !k.is_multiple_of(dtype.block_size()) {
+                    continue;
+                }
                 let q = quantized(n, k, (n * 31 + k) as u64, dtype);
-                let w = q.dequantize(&Device::Cpu).unwrap();
-                let w: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+                let w = dequantized(&q);
                 let (m, _) = QuantMatrix::from_qtensors(&[&q]).unwrap();
                 let qmm =
                     QMatMul::from_qtensor(quantized(n, k, (n * 31 + k) as u64, dtype)).unwrap();
@@ -1395,8 +1473,9 @@ pub(crate) mod tests {
                         assert_eq!(got, want, "{dtype:?} columns {cols:?} row {r}");
                     }
                     // (b) candle's quantized matmul: same algorithm, except that candle
-                    // repacks Q8_0 with k a multiple of 256 and quantizes x its own way.
-                    if dtype == GgmlDType::Q8_0 && k % 256 == 0 {
+                    // repacks Q8_0 with k a multiple of 256 and quantizes x its own way, and
+                    // multiplies Q4_K by Q8_K (256-blocks) where plait reads it as Q4_1.
+                    if (dtype == GgmlDType::Q8_0 && k % 256 == 0) || dtype == GgmlDType::Q4K {
                         continue;
                     }
                     let xt = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap();
