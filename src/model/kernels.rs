@@ -256,6 +256,56 @@ impl QuantMatrix {
         Some((matrix, ranges))
     }
 
+    /// The row length (inputs per column).
+    pub(crate) fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held per column.
+    pub(crate) fn column_bytes(&self) -> usize {
+        self.k / QK * self.format.block_bytes()
+    }
+
+    /// Columns `cols` as f32 rows `[cols.len(), k]`: `d * q + m` (Q4_1) or `d * q` (Q8_0)
+    /// per weight, the values candle's dequantization gives for the same blocks.
+    pub(crate) fn dequantize(&self, cols: Range<usize>) -> Vec<f32> {
+        assert!(
+            cols.end <= self.n,
+            "QuantMatrix::dequantize: columns out of range"
+        );
+        let (bb, kb) = (self.format.block_bytes(), self.k / QK);
+        let scale_bytes = bb - self.format.weight_bytes();
+        let mut out = vec![0f32; cols.len() * self.k];
+        parallel_pieces(&mut out, self.k, |i, row| {
+            let (tile, c) = ((cols.start + i) / TILE, (cols.start + i) % TILE);
+            for (b, values) in row.chunks_exact_mut(QK).enumerate() {
+                let start = (tile * kb + b) * TILE * bb;
+                let blk = &self.data[start..start + TILE * bb];
+                let f16_at = |i: usize| f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
+                let weights = &blk[TILE * scale_bytes..];
+                // Byte `i` of this column's block.
+                let byte = |i: usize| weights[((i / 4) * TILE + c) * 4 + i % 4];
+                let d = f16_at(2 * c);
+                match self.format {
+                    Format::Q4_1 => {
+                        let m = f16_at(2 * TILE + 2 * c);
+                        for (t, v) in values.iter_mut().enumerate() {
+                            let q = byte(t % 16);
+                            let q = if t < 16 { q & 0x0F } else { q >> 4 };
+                            *v = f32::from(q) * d + m;
+                        }
+                    }
+                    Format::Q8_0 => {
+                        for (t, v) in values.iter_mut().enumerate() {
+                            *v = f32::from(byte(t) as i8) * d;
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+
     /// `y[r][j - cols.start] = sum_i x[r][i] * w[j][i]` for `j` in `cols`: `x` is
     /// `rows * k` f32 (row-major), returns `rows * cols.len()` f32 (row-major).
     pub(crate) fn matmul(&self, x: &[f32], rows: usize, cols: Range<usize>) -> Vec<f32> {
@@ -1410,22 +1460,15 @@ pub(crate) mod tests {
     fn q4_k_enters_as_q4_1_blocks_of_the_same_weights() {
         let q = quantized(24, 512, 9, GgmlDType::Q4K);
         let want = dequantized(&q);
-        let blocks = q4_k_as_q4_1(&q.data().unwrap()).unwrap();
-        let as_q4_1 = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            GgmlDType::Q4_1,
-            &blocks,
-            vec![24, 512],
-            &Device::Cpu,
-        )
-        .unwrap();
-        let got = dequantized(&as_q4_1);
+        let (m, _) = QuantMatrix::from_qtensors(&[&q]).unwrap();
+        let got = m.dequantize(0..24);
         // Only the f16 rounding of d * sc and dmin * m, 2^-11 of each: at most 2^-11 of a
         // sub-block's range (15 * d * sc <= 2 * top) plus of its minimum (<= top). The
         // 4-bit step itself is about 2 * top / 15, ~200x larger.
         let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
         let err = max_abs_diff(&got, &want);
         assert!(err <= 3.0 * top / 2048.0, "err {err} vs max {top}");
-        assert!(q4_k_as_q4_1(&blocks[..100]).is_none());
+        assert!(q4_k_as_q4_1(&q.data().unwrap()[..100]).is_none());
     }
 
     #[test]
@@ -1438,6 +1481,13 @@ pub(crate) mod tests {
                 let q = quantized(n, k, (n * 31 + k) as u64, dtype);
                 let w = dequantized(&q);
                 let (m, _) = QuantMatrix::from_qtensors(&[&q]).unwrap();
+                // The repacked blocks hold the same weights (Q4_K: up to its scale rounding,
+                // checked in `q4_k_enters_as_q4_1_blocks_of_the_same_weights`).
+                if dtype != GgmlDType::Q4K {
+                    assert_eq!(m.dequantize(0..n), w, "{dtype:?} n={n} k={k}");
+                    let part = m.dequantize(n / 4..n / 2);
+                    assert_eq!(part, w[n / 4 * k..n / 2 * k], "{dtype:?} columns");
+                }
                 let qmm =
                     QMatMul::from_qtensor(quantized(n, k, (n * 31 + k) as u64, dtype)).unwrap();
                 for &rows in &[1usize, 2, 3, 8, 11] {

@@ -271,9 +271,9 @@ impl PltModel {
         let head = if self.config.tie_word_embeddings {
             0
         } else {
-            matrix_elems(&self.lm_head.candle)
+            self.lm_head.elem_count()
         };
-        (matrices.map(|m| matrix_elems(&m.candle)).sum::<usize>()
+        (matrices.map(Matrix::elem_count).sum::<usize>()
             + vectors.map(Tensor::elem_count).sum::<usize>()
             + matrix_elems(&self.embed)
             + head
@@ -284,10 +284,7 @@ impl PltModel {
     /// embedding row (the bound a memory-bandwidth-limited decode step cannot beat).
     pub fn decode_weight_bytes(&self) -> u64 {
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let matrix = |m: &Matrix| match &m.candle {
-            QMatMul::QTensor(t) => t.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => bytes(t),
-        };
+        let matrix = Matrix::storage_bytes;
         let layers: usize = self
             .layers
             .iter()
@@ -315,13 +312,9 @@ impl PltModel {
 
     /// How the layers' weight matrices are stored ("F32", "Q4_1", ...).
     pub fn weight_storage(&self) -> String {
-        match self.layers.first().map(|l| &l.q_proj.candle) {
-            Some(QMatMul::QTensor(t)) => format!("{:?}", t.dtype()),
-            Some(QMatMul::Tensor(t)) | Some(QMatMul::TensorF16(t)) => {
-                t.dtype().as_str().to_uppercase()
-            }
-            None => "none".into(),
-        }
+        self.layers
+            .first()
+            .map_or_else(|| "none".into(), |l| l.q_proj.storage_name())
     }
 
     /// The checkpoint's configuration.
@@ -354,10 +347,7 @@ impl PltModel {
     /// half the memory and the bytes attention reads), else the compute dtype, so that a
     /// dense checkpoint keeps the precision its fixtures are checked at.
     pub fn kv_dtype(&self) -> DType {
-        let quantized = self
-            .layers
-            .first()
-            .is_some_and(|l| matches!(l.q_proj.candle, QMatMul::QTensor(_)));
+        let quantized = self.layers.first().is_some_and(|l| l.q_proj.is_quantized());
         if self.device.is_cpu() && self.dtype == DType::F32 && quantized {
             DType::F16
         } else {
@@ -923,9 +913,12 @@ const DEQUANTIZE_FROM_ROWS: usize = 32;
 
 /// A weight matrix: candle's (quantized or dense), and for Q4_1 and Q8_0 also plait's
 /// multi-row kernel, which unpacks each weight block once for all the rows of a decode step.
+///
+/// A matrix with a kernel keeps no candle copy: the kernel's repacked blocks are the only
+/// copy of its weights (one of the two is always there).
 #[derive(Clone)]
 struct Matrix {
-    candle: QMatMul,
+    candle: Option<QMatMul>,
     fast: Option<FastColumns>,
 }
 
@@ -935,6 +928,8 @@ struct Matrix {
 struct FastColumns {
     kernel: Arc<QuantMatrix>,
     cols: Range<usize>,
+    /// How the checkpoint stored the weights (Q4_K is repacked as Q4_1).
+    stored: GgmlDType,
 }
 
 impl Matrix {
@@ -956,18 +951,75 @@ impl Matrix {
             .collect();
         let kernel = qtensors.and_then(|ts| QuantMatrix::from_qtensors(&ts));
         let Some((kernel, ranges)) = kernel else {
-            return parts.map(|candle| Self { candle, fast: None });
+            return parts.map(|candle| Self {
+                candle: Some(candle),
+                fast: None,
+            });
         };
         let kernel = Arc::new(kernel);
         let mut ranges = ranges.into_iter();
-        parts.map(|candle| Self {
-            candle,
+        parts.map(|candle| {
             // from_qtensors gives one range per part.
-            fast: ranges.next().map(|cols| FastColumns {
+            let fast = ranges.next().map(|cols| FastColumns {
                 kernel: kernel.clone(),
                 cols,
-            }),
+                stored: match &candle {
+                    QMatMul::QTensor(t) => t.dtype(),
+                    _ => GgmlDType::F32,
+                },
+            });
+            Self {
+                // The kernel holds the weights now; candle's blocks are dropped here
+                // (unless another owner, e.g. the embedding of a tied head, keeps them).
+                candle: fast.is_none().then_some(candle),
+                fast,
+            }
         })
+    }
+
+    /// Weights held (elements).
+    fn elem_count(&self) -> usize {
+        match (&self.candle, &self.fast) {
+            (Some(m), _) => matrix_elems(m),
+            (None, Some(f)) => f.cols.len() * f.kernel.k(),
+            (None, None) => 0,
+        }
+    }
+
+    /// Bytes of weights held.
+    fn storage_bytes(&self) -> usize {
+        match (&self.candle, &self.fast) {
+            (Some(QMatMul::QTensor(t)), _) => t.storage_size_in_bytes(),
+            (Some(QMatMul::Tensor(t)) | Some(QMatMul::TensorF16(t)), _) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
+            (None, Some(f)) => f.cols.len() * f.kernel.column_bytes(),
+            (None, None) => 0,
+        }
+    }
+
+    /// How the weights are stored ("F32", "Q4_1", ...).
+    fn storage_name(&self) -> String {
+        match (&self.candle, &self.fast) {
+            (Some(QMatMul::QTensor(t)), _) => format!("{:?}", t.dtype()),
+            (Some(QMatMul::Tensor(t)) | Some(QMatMul::TensorF16(t)), _) => {
+                t.dtype().as_str().to_uppercase()
+            }
+            (None, Some(f)) => format!("{:?}", f.stored),
+            (None, None) => "none".into(),
+        }
+    }
+
+    /// Whether the weights are stored quantized (in blocks).
+    fn is_quantized(&self) -> bool {
+        self.fast.is_some() || matches!(self.candle, Some(QMatMul::QTensor(_)))
+    }
+
+    /// candle's matrix, for a matrix without a kernel.
+    fn candle(&self) -> candle_core::Result<&QMatMul> {
+        self.candle
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("matrix has neither kernel nor weights".into()))
     }
 
     /// `x @ w^T` on f32 rows (`rows * k`, row-major) in memory: the kernel when there is
@@ -977,7 +1029,7 @@ impl Matrix {
             return Ok(f.kernel.matmul(x, rows, f.cols.clone()));
         }
         let x = Tensor::from_slice(x, (rows, x.len() / rows.max(1)), &Device::Cpu)?;
-        Ok(self.candle.forward(&x)?.flatten_all()?.to_vec1()?)
+        Ok(self.candle()?.forward(&x)?.flatten_all()?.to_vec1()?)
     }
 }
 
@@ -986,16 +1038,23 @@ impl Matrix {
 fn matmul(w: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
     let rows = x.dim(0)?;
     match (&w.candle, &w.fast) {
-        (QMatMul::QTensor(q), _) if rows >= DEQUANTIZE_FROM_ROWS => {
+        (Some(QMatMul::QTensor(q)), _) if rows >= DEQUANTIZE_FROM_ROWS => {
             let dense = q.dequantize(x.device())?;
             x.matmul(&dense.t()?)
         }
-        (_, Some(f)) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+        // Kernels exist only for CPU models, which compute in f32.
+        (_, Some(f)) if rows >= DEQUANTIZE_FROM_ROWS => {
+            let dense = f.kernel.dequantize(f.cols.clone());
+            let dense = Tensor::from_vec(dense, (f.cols.len(), f.kernel.k()), x.device())?;
+            x.matmul(&dense.t()?)
+        }
+        (_, Some(f)) => {
             let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let out = f.kernel.matmul(&input, rows, f.cols.clone());
             Tensor::from_vec(out, (rows, f.cols.len()), x.device())
         }
-        _ => w.candle.forward(x),
+        (Some(m), None) => m.forward(x),
+        (None, None) => w.candle()?.forward(x),
     }
 }
 
