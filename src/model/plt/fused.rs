@@ -1,8 +1,8 @@
-//! The decode step on the CPU in f32: each layer runs on plain buffers with plait's kernels
-//! instead of as several hundred candle operations per token, each of which allocates and
-//! dispatches. It does the arithmetic of the candle path in `plt.rs`, which stays the
-//! reference and runs everywhere else (other devices, other dtypes, prefill); the tests
-//! below check the two against each other.
+//! The decode step on the CPU in f32 (the KV cache in f32 or f16): each layer runs on plain
+//! buffers with plait's kernels instead of as several hundred candle operations per token,
+//! each of which allocates and dispatches. It does the arithmetic of the candle path in
+//! `plt.rs`, which stays the reference and runs everywhere else (other devices, other
+//! dtypes, prefill); the tests below check the two against each other.
 
 use std::sync::Arc;
 
@@ -198,39 +198,37 @@ fn attention<K: KvElem>(
     let w1 = ring_valid.len();
     let (qw, group) = (heads * hd, heads / kv_heads);
     let mut attn = vec![0f32; loops * qw];
-    {
-        let (k0, k0_layout) = cache.k0[li].storage_and_layout();
-        let (v0, v0_layout) = cache.v0[li].storage_and_layout();
-        let (k0, v0) = (cpu_kv::<K>(&k0, k0_layout)?, cpu_kv::<K>(&v0, v0_layout)?);
-        // Global attention: per KV head, the queries of its heads in every row over
-        // loop 0's keys 0..=pos, each key read once for all of them; the keys split
-        // into `chunks` ranges so that every core works, merged after.
-        let keys = pos + 1;
-        let (nq, width) = (group * loops, group * hd);
-        let chunks = key_chunks(keys, kv_heads);
-        let piece = nq * (hd + 2);
-        // `[kv_heads, loops, group * hd]`: each KV head's queries in one run, gathered
-        // once for all of its key ranges.
-        let by_kv_head: Vec<f32> = (0..kv_heads)
-            .flat_map(|g| {
-                q.chunks_exact(qw)
-                    .flat_map(move |r| &r[g * width..(g + 1) * width])
-            })
-            .copied()
-            .collect();
-        let mut partials = vec![0f32; kv_heads * chunks * piece];
-        parallel_pieces(&mut partials, piece, |t, out| {
-            let (g, c) = (t / chunks, t % chunks);
-            let span = g * cap + c * keys / chunks..g * cap + (c + 1) * keys / chunks;
-            let span = span.start * hd..span.end * hd;
-            let queries = &by_kv_head[g * nq * hd..(g + 1) * nq * hd];
-            attend_partial(queries, &k0[span.clone()], &v0[span], scale, None, out);
-        });
-        for (g, pieces) in partials.chunks_exact(chunks * piece).enumerate() {
-            let merged = merge_partials(pieces, chunks, nq, hd);
-            for (row, m) in attn.chunks_exact_mut(qw).zip(merged.chunks_exact(width)) {
-                row[g * width..(g + 1) * width].copy_from_slice(m);
-            }
+    let (k0, k0_layout) = cache.k0[li].storage_and_layout();
+    let (v0, v0_layout) = cache.v0[li].storage_and_layout();
+    let (k0, v0) = (cpu_kv::<K>(&k0, k0_layout)?, cpu_kv::<K>(&v0, v0_layout)?);
+    // Global attention: per KV head, the queries of its heads in every row over
+    // loop 0's keys 0..=pos, each key read once for all of them; the keys split
+    // into `chunks` ranges so that every core works, merged after.
+    let keys = pos + 1;
+    let (nq, width) = (group * loops, group * hd);
+    let chunks = key_chunks(keys, kv_heads);
+    let piece = nq * (hd + 2);
+    // `[kv_heads, loops, group * hd]`: each KV head's queries in one run, gathered
+    // once for all of its key ranges.
+    let by_kv_head: Vec<f32> = (0..kv_heads)
+        .flat_map(|g| {
+            q.chunks_exact(qw)
+                .flat_map(move |r| &r[g * width..(g + 1) * width])
+        })
+        .copied()
+        .collect();
+    let mut partials = vec![0f32; kv_heads * chunks * piece];
+    parallel_pieces(&mut partials, piece, |t, out| {
+        let (g, c) = (t / chunks, t % chunks);
+        let span = g * cap + c * keys / chunks..g * cap + (c + 1) * keys / chunks;
+        let span = span.start * hd..span.end * hd;
+        let queries = &by_kv_head[g * nq * hd..(g + 1) * nq * hd];
+        attend_partial(queries, &k0[span.clone()], &v0[span], scale, None, out);
+    });
+    for (g, pieces) in partials.chunks_exact(chunks * piece).enumerate() {
+        let merged = merge_partials(pieces, chunks, nq, hd);
+        for (row, m) in attn.chunks_exact_mut(qw).zip(merged.chunks_exact(width)) {
+            row[g * width..(g + 1) * width].copy_from_slice(m);
         }
     }
     if loops > 1 {
