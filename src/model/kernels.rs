@@ -17,7 +17,7 @@ use std::ops::Range;
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::CpuStorage;
+use candle_core::{CpuStorage, WithDType};
 use half::{f16, slice::HalfFloatSliceExt};
 
 /// Elements per block (Q4_1, Q8_0 and the Q8_1 activations alike).
@@ -73,7 +73,8 @@ fn q4_k_as_q4_1(bytes: &[u8]) -> Option<Vec<u8>> {
     if !bytes.len().is_multiple_of(Q4_K_BLOCK_BYTES) {
         return None;
     }
-    let mut out = Vec::with_capacity(bytes.len() / Q4_K_BLOCK_BYTES * 8 * 20);
+    let sub_blocks = bytes.len() / Q4_K_BLOCK_BYTES * 8;
+    let mut out = Vec::with_capacity(sub_blocks * Format::Q4_1.block_bytes());
     for sb in bytes.chunks_exact(Q4_K_BLOCK_BYTES) {
         let d = f16::from_le_bytes([sb[0], sb[1]]).to_f32();
         let dmin = f16::from_le_bytes([sb[2], sb[3]]).to_f32();
@@ -283,8 +284,7 @@ impl QuantMatrix {
                 let blk = &self.data[start..start + TILE * bb];
                 let f16_at = |i: usize| f16::from_le_bytes([blk[i], blk[i + 1]]).to_f32();
                 let weights = &blk[TILE * scale_bytes..];
-                // Byte `i` of this column's block.
-                let byte = |i: usize| weights[((i / 4) * TILE + c) * 4 + i % 4];
+                let byte = |i: usize| tile_byte(weights, c, i);
                 let d = f16_at(2 * c);
                 match self.format {
                     Format::Q4_1 => {
@@ -460,41 +460,25 @@ fn f32_lanes(hd: usize) -> usize {
 }
 
 /// An element type of the KV cache: f32, or f16 (half the memory and the bytes attention
-/// reads per token, as llama.cpp's default cache).
-pub(crate) trait KvElem: Copy + Send + Sync + KvSimd + 'static {
-    /// `x` as f32: itself, or converted into `buf`.
+/// reads per token, as llama.cpp's default cache). candle's [`WithDType`] reads its storage.
+pub(crate) trait KvElem: WithDType {
+    /// Whether [`KvElem::as_f32`] converts into its buffer (rather than borrowing `x`).
+    const CONVERTS: bool;
+    /// `x` as f32: itself, or converted into `buf` (with F16C where the CPU has it).
     fn as_f32<'a>(x: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32];
     /// `x` rounded to this type.
     fn from_f32(x: f32) -> Self;
-    /// The elements of CPU storage of this type.
-    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
     /// The elements of CPU storage of this type, to write.
     fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
 }
 
-#[cfg(target_arch = "x86_64")]
-use avx2::Load as KvSimd;
-
-/// The SIMD loads of a KV element type (none off x86-64).
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) trait KvSimd {}
-#[cfg(not(target_arch = "x86_64"))]
-impl KvSimd for f32 {}
-#[cfg(not(target_arch = "x86_64"))]
-impl KvSimd for f16 {}
-
 impl KvElem for f32 {
+    const CONVERTS: bool = false;
     fn as_f32<'a>(x: &'a [Self], _: &'a mut Vec<f32>) -> &'a [f32] {
         x
     }
     fn from_f32(x: f32) -> Self {
         x
-    }
-    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
-        match storage {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
     }
     fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
         match storage {
@@ -505,6 +489,7 @@ impl KvElem for f32 {
 }
 
 impl KvElem for f16 {
+    const CONVERTS: bool = true;
     fn as_f32<'a>(x: &'a [Self], buf: &'a mut Vec<f32>) -> &'a [f32] {
         buf.resize(x.len(), 0.0);
         x.convert_to_f32_slice(buf);
@@ -512,12 +497,6 @@ impl KvElem for f16 {
     }
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
-    }
-    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
-        match storage {
-            CpuStorage::F16(v) => Some(v),
-            _ => None,
-        }
     }
     fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
         match storage {
@@ -598,6 +577,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Byte `i` of column `c`'s block among a tile's interleaved weight bytes (groups of 4
+/// bytes, one group of each column in turn).
+fn tile_byte(weights: &[u8], c: usize, i: usize) -> u8 {
+    weights[((i / 4) * TILE + c) * 4 + i % 4]
+}
+
 /// Portable kernel: same arithmetic as the SIMD ones, summed in a different order.
 fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32]) {
     let rows = q8.rows;
@@ -613,8 +598,7 @@ fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32
             let weights = &blk[TILE * scale_bytes..];
             for (c, acc) in acc.iter_mut().enumerate() {
                 let d = f16_at(2 * c);
-                // Byte `e` of group `g` of this column.
-                let byte = |g: usize, e: usize| weights[(g * TILE + c) * 4 + e];
+                let byte = |i: usize| tile_byte(weights, c, i);
                 for (r, a) in acc.iter_mut().enumerate().take(rows) {
                     let i = b * rows + r;
                     let y = &q8.qs[i * QK..(i + 1) * QK];
@@ -622,7 +606,7 @@ fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32
                         Format::Q4_1 => {
                             let sumi: i32 = (0..QK / 2)
                                 .map(|t| {
-                                    let q = byte(t / 4, t % 4);
+                                    let q = byte(t);
                                     (q & 0x0F) as i32 * y[t] as i32
                                         + (q >> 4) as i32 * y[t + 16] as i32
                                 })
@@ -631,9 +615,8 @@ fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32
                             sumi as f32 * (d * q8.d[i]) + m * q8.s[b * MAX_ROWS + r]
                         }
                         Format::Q8_0 => {
-                            let sumi: i32 = (0..QK)
-                                .map(|t| byte(t / 4, t % 4) as i8 as i32 * y[t] as i32)
-                                .sum();
+                            let sumi: i32 =
+                                (0..QK).map(|t| byte(t) as i8 as i32 * y[t] as i32).sum();
                             sumi as f32 * (d * q8.d[i])
                         }
                     };
@@ -650,10 +633,8 @@ fn tiles_scalar(format: Format, w: &[u8], kb: usize, q8: &Q8Rows, out: &mut [f32
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Format, Isa, Q8Rows, MAX_ROWS, QK, TILE};
-    use half::f16;
+    use super::{Format, Isa, KvElem, Q8Rows, MAX_ROWS, QK, TILE};
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
     /// SIMD kernel for [`super::QuantMatrix::tiles`]: lane c of a vector is column c of
     /// the tile.
@@ -966,14 +947,12 @@ mod avx2 {
     }
 
     /// An f32 vector type for the attention kernels.
-    pub(crate) trait F32s: Copy {
+    trait F32s: Copy {
         /// Lanes per vector.
         const LANES: usize;
         fn zero() -> Self;
         /// The `LANES` f32s from `at` of `x`.
         fn load(x: &[f32], at: usize) -> Self;
-        /// The `LANES` f16s from `at` of `x`, as f32s.
-        fn load_f16(x: &[f16], at: usize) -> Self;
         /// `a * b + c`.
         fn fma(a: Self, b: Self, c: Self) -> Self;
         /// `v` broadcast to every lane.
@@ -995,11 +974,6 @@ mod avx2 {
         #[inline(always)]
         fn load(x: &[f32], at: usize) -> Self {
             unsafe { _mm256_loadu_ps(x[at..at + 8].as_ptr()) }
-        }
-        #[inline(always)]
-        fn load_f16(x: &[f16], at: usize) -> Self {
-            // F16C as well: the 8-lane kernels run only where `best_isa` found it.
-            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(x[at..at + 8].as_ptr().cast())) }
         }
         #[inline(always)]
         fn fma(a: Self, b: Self, c: Self) -> Self {
@@ -1032,10 +1006,6 @@ mod avx2 {
             unsafe { _mm512_loadu_ps(x[at..at + 16].as_ptr()) }
         }
         #[inline(always)]
-        fn load_f16(x: &[f16], at: usize) -> Self {
-            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(x[at..at + 16].as_ptr().cast())) }
-        }
-        #[inline(always)]
         fn fma(a: Self, b: Self, c: Self) -> Self {
             unsafe { _mm512_fmadd_ps(a, b, c) }
         }
@@ -1056,40 +1026,12 @@ mod avx2 {
         }
     }
 
-    /// A KV element type as the attention kernels read it.
-    pub(crate) trait Load: Sized {
-        /// Whether [`Load::block`] converts (into its buffer).
-        const CONVERTS: bool;
-        /// Elements `range` of `x` as f32: `x` itself, or converted into `buf`.
-        fn block<'a, V: F32s>(x: &'a [Self], range: Range<usize>, buf: &'a mut [f32]) -> &'a [f32];
-    }
-
-    impl Load for f32 {
-        const CONVERTS: bool = false;
-        #[inline(always)]
-        fn block<'a, V: F32s>(x: &'a [f32], range: Range<usize>, _: &'a mut [f32]) -> &'a [f32] {
-            &x[range]
-        }
-    }
-
-    impl Load for f16 {
-        const CONVERTS: bool = true;
-        #[inline(always)]
-        fn block<'a, V: F32s>(x: &'a [f16], range: Range<usize>, buf: &'a mut [f32]) -> &'a [f32] {
-            let buf = &mut buf[..range.len()];
-            for (i, at) in range.step_by(V::LANES).enumerate() {
-                V::load_f16(x, at).store(&mut buf[i * V::LANES..]);
-            }
-            buf
-        }
-    }
-
     /// [`super::attention_scores`] for `hd` a multiple of 8.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn attention_scores<K: super::KvElem>(
+    pub(super) unsafe fn attention_scores<K: KvElem>(
         q: &[f32],
         k: &[K],
         hd: usize,
@@ -1104,7 +1046,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX512F (and so AVX2 and FMA).
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-    pub(super) unsafe fn attention_scores512<K: super::KvElem>(
+    pub(super) unsafe fn attention_scores512<K: KvElem>(
         q: &[f32],
         k: &[K],
         hd: usize,
@@ -1115,13 +1057,13 @@ mod avx2 {
     }
 
     #[inline(always)]
-    fn scores<V: F32s, K: Load>(q: &[f32], k: &[K], hd: usize, scale: f32, out: &mut [f32]) {
+    fn scores<V: F32s, K: KvElem>(q: &[f32], k: &[K], hd: usize, scale: f32, out: &mut [f32]) {
         let n = k.len() / hd;
         // A group's keys as f32, converted once for all queries when stored as f16.
-        let mut buf = vec![0f32; if K::CONVERTS { 4 * hd } else { 0 }];
+        let mut buf = Vec::new();
         // Four keys at a time: four accumulators reduced together by three `hadd`s.
         for j in (0..n - n % 4).step_by(4) {
-            let keys = K::block::<V>(k, j * hd..(j + 4) * hd, &mut buf);
+            let keys = K::as_f32(&k[j * hd..(j + 4) * hd], &mut buf);
             for (i, qi) in q.chunks_exact(hd).enumerate() {
                 let mut acc = [V::zero(); 4];
                 for c in (0..hd).step_by(V::LANES) {
@@ -1147,7 +1089,7 @@ mod avx2 {
             }
         }
         for j in n - n % 4..n {
-            let key = K::block::<V>(k, j * hd..(j + 1) * hd, &mut buf);
+            let key = K::as_f32(&k[j * hd..(j + 1) * hd], &mut buf);
             for (i, qi) in q.chunks_exact(hd).enumerate() {
                 out[i * n + j] = super::dot(qi, key) * scale;
             }
@@ -1159,12 +1101,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn weighted_sums<K: super::KvElem>(
-        p: &[f32],
-        v: &[K],
-        hd: usize,
-        out: &mut [f32],
-    ) {
+    pub(super) unsafe fn weighted_sums<K: KvElem>(p: &[f32], v: &[K], hd: usize, out: &mut [f32]) {
         weighted::<__m256, K>(p, v, hd, out);
     }
 
@@ -1173,7 +1110,7 @@ mod avx2 {
     /// # Safety
     /// The CPU must support AVX512F.
     #[target_feature(enable = "avx2,fma,f16c,avx512f")]
-    pub(super) unsafe fn weighted_sums512<K: super::KvElem>(
+    pub(super) unsafe fn weighted_sums512<K: KvElem>(
         p: &[f32],
         v: &[K],
         hd: usize,
@@ -1183,15 +1120,15 @@ mod avx2 {
     }
 
     #[inline(always)]
-    fn weighted<V: F32s, K: Load>(p: &[f32], v: &[K], hd: usize, out: &mut [f32]) {
+    fn weighted<V: F32s, K: KvElem>(p: &[f32], v: &[K], hd: usize, out: &mut [f32]) {
         let n = v.len() / hd;
         // f16 values in blocks of keys, each converted once for all queries; f32 values are
         // read in place, as one block.
         let block = if K::CONVERTS { VALUE_BLOCK } else { n.max(1) };
-        let mut buf = vec![0f32; if K::CONVERTS { block * hd } else { 0 }];
+        let mut buf = Vec::new();
         for start in (0..n).step_by(block) {
             let end = (start + block).min(n);
-            let values = K::block::<V>(v, start * hd..end * hd, &mut buf);
+            let values = K::as_f32(&v[start * hd..end * hd], &mut buf);
             for (pi, o) in p.chunks_exact(n).zip(out.chunks_exact_mut(hd)) {
                 let (pi, add) = (&pi[start..end], start > 0);
                 let mut c = 0;

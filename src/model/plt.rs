@@ -137,12 +137,7 @@ impl PltModel {
         quant: Option<GgmlDType>,
     ) -> Result<Self> {
         let mut source = RandomWeights::new(placement, quant);
-        let device = &placement.device;
-        let dtype = if quant.is_some() {
-            DType::F32
-        } else {
-            placement.dtype
-        };
+        let (device, dtype) = (&placement.device, source.dtype());
         Self::from_source(config, &mut source, device, dtype, &mut |_| {})
     }
 
@@ -911,15 +906,14 @@ impl DecoderLayer {
 /// near the CPU's peak; dequantizing costs one pass over the weights per chunk.
 const DEQUANTIZE_FROM_ROWS: usize = 32;
 
-/// A weight matrix: candle's (quantized or dense), and for Q4_1 and Q8_0 also plait's
-/// multi-row kernel, which unpacks each weight block once for all the rows of a decode step.
-///
-/// A matrix with a kernel keeps no candle copy: the kernel's repacked blocks are the only
-/// copy of its weights (one of the two is always there).
+/// A weight matrix: candle's (dense, or quantized in a format plait has no kernel for), or
+/// columns of one of plait's multi-row kernel matrices (Q4_1, Q8_0 and Q4_K on the CPU),
+/// which unpack each weight block once for all the rows of a decode step and hold the only
+/// copy of the weights.
 #[derive(Clone)]
-struct Matrix {
-    candle: Option<QMatMul>,
-    fast: Option<FastColumns>,
+enum Matrix {
+    Candle(QMatMul),
+    Kernel(FastColumns),
 }
 
 /// Columns `cols` of a kernel matrix: matrices read from the same input (q/k/v, gate/up)
@@ -939,7 +933,9 @@ impl Matrix {
     }
 
     /// The matrices of `parts`, sharing one kernel matrix when all are quantized in one
-    /// supported format with one row length; without a kernel otherwise.
+    /// supported format with one row length; candle's otherwise. candle's blocks of a part
+    /// that gets a kernel are dropped here (unless another owner keeps them, e.g. the
+    /// embedding of a tied head).
     fn stacked<const N: usize>(parts: [QMatMul; N]) -> [Self; N] {
         let qtensors: Option<Vec<&QTensor>> = parts
             .iter()
@@ -949,87 +945,81 @@ impl Matrix {
                 _ => None,
             })
             .collect();
-        let kernel = qtensors.and_then(|ts| QuantMatrix::from_qtensors(&ts));
-        let Some((kernel, ranges)) = kernel else {
-            return parts.map(|candle| Self {
-                candle: Some(candle),
-                fast: None,
-            });
-        };
-        let kernel = Arc::new(kernel);
-        let mut ranges = ranges.into_iter();
-        parts.map(|candle| {
+        let Some((kernel, columns)) = qtensors.and_then(|ts| {
+            let (kernel, ranges) = QuantMatrix::from_qtensors(&ts)?;
             // from_qtensors gives one range per part.
-            let fast = ranges.next().map(|cols| FastColumns {
+            let stored = ts.iter().map(|t| t.dtype());
+            Some((
+                Arc::new(kernel),
+                ranges.into_iter().zip(stored).collect::<Vec<_>>(),
+            ))
+        }) else {
+            return parts.map(Self::Candle);
+        };
+        let mut columns = columns.into_iter();
+        parts.map(|candle| match columns.next() {
+            Some((cols, stored)) => Self::Kernel(FastColumns {
                 kernel: kernel.clone(),
                 cols,
-                stored: match &candle {
-                    QMatMul::QTensor(t) => t.dtype(),
-                    _ => GgmlDType::F32,
-                },
-            });
-            Self {
-                // The kernel holds the weights now; candle's blocks are dropped here
-                // (unless another owner, e.g. the embedding of a tied head, keeps them).
-                candle: fast.is_none().then_some(candle),
-                fast,
-            }
+                stored,
+            }),
+            None => Self::Candle(candle),
         })
+    }
+
+    /// The kernel columns, if the matrix has a kernel.
+    fn fast(&self) -> Option<&FastColumns> {
+        match self {
+            Self::Kernel(f) => Some(f),
+            Self::Candle(_) => None,
+        }
     }
 
     /// Weights held (elements).
     fn elem_count(&self) -> usize {
-        match (&self.candle, &self.fast) {
-            (Some(m), _) => matrix_elems(m),
-            (None, Some(f)) => f.cols.len() * f.kernel.k(),
-            (None, None) => 0,
+        match self {
+            Self::Candle(m) => matrix_elems(m),
+            Self::Kernel(f) => f.cols.len() * f.kernel.k(),
         }
     }
 
     /// Bytes of weights held.
     fn storage_bytes(&self) -> usize {
-        match (&self.candle, &self.fast) {
-            (Some(QMatMul::QTensor(t)), _) => t.storage_size_in_bytes(),
-            (Some(QMatMul::Tensor(t)) | Some(QMatMul::TensorF16(t)), _) => {
+        match self {
+            Self::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
-            (None, Some(f)) => f.cols.len() * f.kernel.column_bytes(),
-            (None, None) => 0,
+            Self::Kernel(f) => f.cols.len() * f.kernel.column_bytes(),
         }
     }
 
     /// How the weights are stored ("F32", "Q4_1", ...).
     fn storage_name(&self) -> String {
-        match (&self.candle, &self.fast) {
-            (Some(QMatMul::QTensor(t)), _) => format!("{:?}", t.dtype()),
-            (Some(QMatMul::Tensor(t)) | Some(QMatMul::TensorF16(t)), _) => {
+        match self {
+            Self::Candle(QMatMul::QTensor(t)) => format!("{:?}", t.dtype()),
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.dtype().as_str().to_uppercase()
             }
-            (None, Some(f)) => format!("{:?}", f.stored),
-            (None, None) => "none".into(),
+            Self::Kernel(f) => format!("{:?}", f.stored),
         }
     }
 
     /// Whether the weights are stored quantized (in blocks).
     fn is_quantized(&self) -> bool {
-        self.fast.is_some() || matches!(self.candle, Some(QMatMul::QTensor(_)))
-    }
-
-    /// candle's matrix, for a matrix without a kernel.
-    fn candle(&self) -> candle_core::Result<&QMatMul> {
-        self.candle
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("matrix has neither kernel nor weights".into()))
+        matches!(self, Self::Kernel(_) | Self::Candle(QMatMul::QTensor(_)))
     }
 
     /// `x @ w^T` on f32 rows (`rows * k`, row-major) in memory: the kernel when there is
     /// one, else candle's forward.
     fn forward_f32(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        if let Some(f) = &self.fast {
-            return Ok(f.kernel.matmul(x, rows, f.cols.clone()));
+        match self {
+            Self::Kernel(f) => Ok(f.kernel.matmul(x, rows, f.cols.clone())),
+            Self::Candle(m) => {
+                let x = Tensor::from_slice(x, (rows, x.len() / rows.max(1)), &Device::Cpu)?;
+                Ok(m.forward(&x)?.flatten_all()?.to_vec1()?)
+            }
         }
-        let x = Tensor::from_slice(x, (rows, x.len() / rows.max(1)), &Device::Cpu)?;
-        Ok(self.candle()?.forward(&x)?.flatten_all()?.to_vec1()?)
     }
 }
 
@@ -1037,24 +1027,23 @@ impl Matrix {
 /// GEMM for many (prefill).
 fn matmul(w: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
     let rows = x.dim(0)?;
-    match (&w.candle, &w.fast) {
-        (Some(QMatMul::QTensor(q)), _) if rows >= DEQUANTIZE_FROM_ROWS => {
+    match w {
+        Matrix::Candle(QMatMul::QTensor(q)) if rows >= DEQUANTIZE_FROM_ROWS => {
             let dense = q.dequantize(x.device())?;
             x.matmul(&dense.t()?)
         }
         // Kernels exist only for CPU models, which compute in f32.
-        (_, Some(f)) if rows >= DEQUANTIZE_FROM_ROWS => {
+        Matrix::Kernel(f) if rows >= DEQUANTIZE_FROM_ROWS => {
             let dense = f.kernel.dequantize(f.cols.clone());
             let dense = Tensor::from_vec(dense, (f.cols.len(), f.kernel.k()), x.device())?;
             x.matmul(&dense.t()?)
         }
-        (_, Some(f)) => {
+        Matrix::Kernel(f) => {
             let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
             let out = f.kernel.matmul(&input, rows, f.cols.clone());
             Tensor::from_vec(out, (rows, f.cols.len()), x.device())
         }
-        (Some(m), None) => m.forward(x),
-        (None, None) => w.candle()?.forward(x),
+        Matrix::Candle(m) => m.forward(x),
     }
 }
 

@@ -228,6 +228,11 @@ impl RandomWeights {
             quant,
         }
     }
+
+    /// The dtype of the non-quantized weights, the model's compute dtype.
+    pub(crate) fn dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 impl WeightSource for RandomWeights {

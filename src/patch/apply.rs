@@ -417,7 +417,8 @@ fn missing_dirs(target: &Path) -> Vec<PathBuf> {
 }
 
 fn deepest_first(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+    // By depth, then by path, so that equal paths sit together for `dedup`.
+    dirs.sort_by(|a, b| (b.components().count(), a).cmp(&(a.components().count(), b)));
     dirs.dedup();
     dirs
 }

@@ -301,9 +301,9 @@ fn gate(
 /// `x @ w^T` for each matrix of `ms`, their outputs side by side per row: one product when
 /// they are consecutive columns of one kernel matrix (q/k/v, gate/up).
 fn project(ms: &[&Matrix], x: &[f32], rows: usize) -> Result<Vec<f32>> {
-    if let Some(first) = ms.first().and_then(|m| m.fast.as_ref()) {
+    if let Some(first) = ms.first().and_then(|m| m.fast()) {
         let mut end = first.cols.start;
-        let joined = ms.iter().all(|m| match &m.fast {
+        let joined = ms.iter().all(|m| match m.fast() {
             Some(f) if Arc::ptr_eq(&f.kernel, &first.kernel) && f.cols.start == end => {
                 end = f.cols.end;
                 true
@@ -475,9 +475,9 @@ fn exp_in_place(x: &mut [f32]) {
 /// The elements of a contiguous CPU tensor of element type `K`.
 fn cpu_kv<'a, K: KvElem>(storage: &'a Storage, layout: &Layout) -> Result<&'a [K]> {
     match (storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(cpu), Some((start, end))) => {
-            K::slice(cpu).map(|v| &v[start..end]).ok_or_else(not_cpu_kv)
-        }
+        (Storage::Cpu(cpu), Some((start, end))) => K::cpu_storage_as_slice(cpu)
+            .map(|v| &v[start..end])
+            .map_err(|_| not_cpu_kv()),
         _ => Err(not_cpu_kv()),
     }
 }
