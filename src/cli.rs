@@ -206,6 +206,16 @@ struct PerplexityArgs {
     /// A text file, scored exactly as it is (nothing trimmed or added).
     #[arg(long, value_name = "FILE")]
     file: Option<PathBuf>,
+    /// Score through the decode path, one token at a time (a prefill of the first token,
+    /// then decode steps), as generation runs.
+    #[arg(long)]
+    incremental: bool,
+    /// With --incremental, also score through the prefill path and compare the two per
+    /// position: KL(prefill || incremental) over the full vocabulary (mean, p99, max and
+    /// where), top-1 agreement, and the largest log-prob error of a token either path gives
+    /// at least 1e-3.
+    #[arg(long, requires = "incremental")]
+    compare: bool,
 }
 
 #[derive(Args)]
@@ -323,6 +333,9 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         Some(file) => tokenizer(&loaded, &dir)?.encode(&read_text(file)?, true)?,
         None => args.ids,
     };
+    if args.incremental {
+        return perplexity_incremental(&loaded.model, &ids, loops, args.compare, args.model.json);
+    }
     let score = engine::score(&loaded.model, &ids, loops)?;
     let perplexity = score.nll.exp();
     if args.model.json {
@@ -338,6 +351,66 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
         println!(
             "{} tokens, {} scored, loops {loops}: nll {:.6}, perplexity {:.4}",
             score.tokens, score.scored, score.nll, perplexity
+        );
+    }
+    Ok(())
+}
+
+fn perplexity_incremental(
+    model: &PltModel,
+    ids: &[u32],
+    loops: usize,
+    compare: bool,
+    as_json: bool,
+) -> Result<()> {
+    let result = engine::score_incremental(model, ids, loops, compare)?;
+    let score = result.score;
+    let kernels = result.kernels.name();
+    let mut out = json!({
+        "tokens": score.tokens,
+        "scored": score.scored,
+        "nll": score.nll,
+        "perplexity": score.nll.exp(),
+        "loops": loops,
+        "kernels": kernels,
+    });
+    if let Some(c) = &result.comparison {
+        let fields = json!({
+            "nll_prefill": c.nll_prefill,
+            "kl_mean": c.kl_mean,
+            "kl_p99": c.kl_p99,
+            "kl_max": c.kl_max,
+            "top1_agreement": c.top1_agreement,
+            "max_logprob_error": c.max_logprob_error,
+            "worst_position": c.worst_position,
+        });
+        if let (Some(out), Some(fields)) = (out.as_object_mut(), fields.as_object()) {
+            out.extend(fields.clone());
+        }
+    }
+    if as_json {
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "{} tokens, {} scored, loops {loops}, kernels {kernels}: incremental nll {:.6}, \
+         perplexity {:.4}",
+        score.tokens,
+        score.scored,
+        score.nll,
+        score.nll.exp()
+    );
+    if let Some(c) = &result.comparison {
+        println!(
+            "prefill nll {:.6}; KL(prefill || incremental) mean {:.5}, p99 {:.5}, max {:.5} \
+             (predicting token {}); top-1 agreement {:.4}; max log-prob error {:.4}",
+            c.nll_prefill,
+            c.kl_mean,
+            c.kl_p99,
+            c.kl_max,
+            c.worst_position,
+            c.top1_agreement,
+            c.max_logprob_error
         );
     }
     Ok(())

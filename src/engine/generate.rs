@@ -1,8 +1,8 @@
-//! The generation loop (prefill, sample, decode until a stop) and perplexity scoring.
+//! The generation loop: prefill, sample, decode until a stop.
 
 use std::time::Instant;
 
-use crate::model::{Logits, ModelError, PltCache, PltModel, Result, Sampler};
+use crate::model::{PltCache, PltModel, Result, Sampler};
 
 use super::metrics::GenerationMetrics;
 
@@ -126,49 +126,5 @@ pub fn generate(
         ids,
         stop_reason,
         metrics,
-    })
-}
-
-/// Perplexity figures of a sequence.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Score {
-    /// Tokens in the sequence.
-    pub tokens: usize,
-    /// Tokens scored (all but the first).
-    pub scored: usize,
-    /// Mean negative log-likelihood of ids[1..] given their prefix.
-    pub nll: f64,
-}
-
-/// Scores `ids` with a fresh cache at `loops` loops.
-pub fn score(model: &PltModel, ids: &[u32], loops: usize) -> Result<Score> {
-    if ids.len() < 2 {
-        return Err(ModelError::TooFewTokens(ids.len()));
-    }
-    let mut cache = model.new_cache(loops)?;
-    let logits = model
-        .prefill(&mut cache, &ids[..ids.len() - 1], Logits::All)?
-        .ok_or(ModelError::EmptyInput)?;
-    let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-    let total: f64 = rows
-        .iter()
-        .zip(&ids[1..])
-        .map(|(row, &target)| {
-            // log-softmax in f64: the oracle's tolerance on nll is 1e-4.
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-            let log_sum = row
-                .iter()
-                .map(|&x| (x as f64 - max).exp())
-                .sum::<f64>()
-                .ln()
-                + max;
-            log_sum - row[target as usize] as f64
-        })
-        .sum();
-    let scored = ids.len() - 1;
-    Ok(Score {
-        tokens: ids.len(),
-        scored,
-        nll: total / scored as f64,
     })
 }

@@ -5,6 +5,7 @@ mod bench;
 mod generate;
 mod metrics;
 mod protocol;
+mod score;
 mod worker;
 
 pub use bench::{
@@ -12,9 +13,11 @@ pub use bench::{
     LoopBench,
 };
 pub use generate::{
-    generate, score, GenerateRequest, Generation, GenerationObserver, Score, StepControl,
-    StopReason,
+    generate, GenerateRequest, Generation, GenerationObserver, StepControl, StopReason,
 };
 pub use metrics::GenerationMetrics;
-pub use protocol::{Event, ModelInfo, Request, TurnStats};
+pub use protocol::{Backend, Event, EventSink, ModelInfo, Request, TurnStats};
+pub use score::{
+    score, score_incremental, Comparison, IncrementalScore, Score, LOGPROB_ERROR_FLOOR,
+};
 pub use worker::{Engine, EngineOptions};

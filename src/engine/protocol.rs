@@ -29,6 +29,16 @@ pub enum Request {
     Shutdown,
 }
 
+/// What a UI sends its requests to: the local worker ([`super::Engine`]) or a stand-in;
+/// events come back through the sink the backend was started with.
+pub trait Backend {
+    /// Queues a request; never blocks on the model.
+    fn send(&self, request: Request);
+}
+
+/// Where a backend reports its events.
+pub type EventSink = Box<dyn Fn(Event) + Send>;
+
 /// Facts about the loaded model, for the status line and `/model`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {

@@ -13,7 +13,7 @@ use crate::model::{
 };
 
 use super::generate::{generate, GenerateRequest, GenerationObserver, StepControl};
-use super::protocol::{Event, ModelInfo, Request, TurnStats};
+use super::protocol::{Backend, Event, ModelInfo, Request, TurnStats};
 
 /// How the worker starts.
 #[derive(Debug, Clone)]
@@ -56,6 +56,12 @@ impl Engine {
     pub fn send(&self, request: Request) {
         // A send fails only when the worker has exited, after Shutdown or a panic: nothing to do.
         let _ = self.requests.send(request);
+    }
+}
+
+impl Backend for Engine {
+    fn send(&self, request: Request) {
+        Engine::send(self, request);
     }
 }
 

@@ -39,7 +39,7 @@ impl LoadedModel {
         progress: &mut dyn FnMut(f32),
     ) -> Result<Self> {
         if dir.is_file() {
-            return Self::load_gguf(dir, &placement.device, progress);
+            return Self::load_gguf(dir, placement, progress);
         }
         let model = PltModel::load_with_progress(dir, placement, progress)?;
         let config = TokenizerConfig::from_dir(dir)?;
@@ -52,9 +52,13 @@ impl LoadedModel {
     }
 
     /// A GGUF file carries its tokenizer and chat template in its metadata.
-    fn load_gguf(path: &Path, device: &Device, progress: &mut dyn FnMut(f32)) -> Result<Self> {
-        let mut gguf = GgufWeights::open(path, device)?;
-        let model = PltModel::from_gguf(&mut gguf, device, progress)?;
+    fn load_gguf(
+        path: &Path,
+        placement: &Placement,
+        progress: &mut dyn FnMut(f32),
+    ) -> Result<Self> {
+        let mut gguf = GgufWeights::open(path, &placement.device)?;
+        let model = PltModel::from_gguf(&mut gguf, placement, progress)?;
         let tokenizer = tokenizer_from_gguf(gguf.content(), path)?;
         let template = match chat_template_from_gguf(gguf.content()) {
             Some(text) => ChatTemplate::new(

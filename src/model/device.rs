@@ -6,6 +6,7 @@ use std::str::FromStr;
 use candle_core::{DType, Device};
 
 use super::error::{ModelError, Result};
+use super::kernels::CpuKernels;
 
 /// What this build says when CUDA is asked for and the `cuda` feature is off.
 pub const NO_CUDA: &str = "this plait was built without CUDA: build it with `--features cuda` \
@@ -91,10 +92,13 @@ pub struct Placement {
     pub device: Device,
     /// Weights' and activations' dtype (GGUF models compute in f32 whatever this says).
     pub dtype: DType,
+    /// What runs decode on the CPU (ignored on other devices).
+    pub kernels: CpuKernels,
 }
 
 impl Placement {
-    /// `device` with `dtype`, or its default: f32 on the CPU, bf16 on an accelerator.
+    /// `device` with `dtype`, or its default: f32 on the CPU, bf16 on an accelerator; the
+    /// widest CPU kernels.
     pub fn new(device: Device, dtype: Option<DType>) -> Self {
         let default = if device.is_cpu() {
             DType::F32
@@ -104,12 +108,20 @@ impl Placement {
         Self {
             dtype: dtype.unwrap_or(default),
             device,
+            kernels: CpuKernels::widest(),
         }
     }
 
-    /// Opens `spec` with `dtype` or the device's default dtype.
+    /// Opens `spec` with `dtype` or the device's default dtype, and the CPU kernels that
+    /// `PLAIT_CPU_KERNELS` names (an unknown or unsupported one is an error).
     pub fn open(spec: DeviceSpec, dtype: Option<DType>) -> Result<Self> {
-        Ok(Self::new(spec.open()?, dtype))
+        let kernels = CpuKernels::from_env()?;
+        Ok(Self::new(spec.open()?, dtype).with_kernels(kernels))
+    }
+
+    /// The same placement with `kernels` for decode on the CPU.
+    pub fn with_kernels(self, kernels: CpuKernels) -> Self {
+        Self { kernels, ..self }
     }
 }
 

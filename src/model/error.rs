@@ -41,6 +41,14 @@ pub enum ModelError {
         /// The model types plait runs.
         supported: &'static str,
     },
+    /// `PLAIT_CPU_KERNELS` names no kernel path, or one this CPU cannot run.
+    #[error("PLAIT_CPU_KERNELS={value}: {reason}")]
+    CpuKernels {
+        /// The value given.
+        value: String,
+        /// What is wrong, and the valid values.
+        reason: String,
+    },
     /// A GGUF file is not readable, truncated, or of an unsupported kind.
     #[error("{}: {message}", path.display())]
     Gguf {

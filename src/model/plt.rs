@@ -13,7 +13,7 @@ use super::config::PltConfig;
 use super::device::Placement;
 use super::error::{ModelError, Result, MAX_LOOPS};
 use super::gguf::GgufWeights;
-use super::kernels::QuantMatrix;
+use super::kernels::{CpuKernels, Isa, QuantMatrix};
 use super::weights::{Checkpoint, RandomWeights, SafetensorsWeights, WeightSource};
 
 mod fused;
@@ -114,7 +114,7 @@ impl PltModel {
     ) -> Result<Self> {
         let device = &placement.device;
         if path.is_file() {
-            return Self::from_gguf(&mut GgufWeights::open(path, device)?, device, progress);
+            return Self::from_gguf(&mut GgufWeights::open(path, device)?, placement, progress);
         }
         if !path.is_dir() {
             return Err(ModelError::NotFound {
@@ -125,7 +125,7 @@ impl PltModel {
         let config = PltConfig::from_file(&path.join("config.json"))?;
         let dtype = placement.dtype;
         let mut checkpoint = SafetensorsWeights::new(Checkpoint::open(path)?, dtype, device);
-        Self::from_source(config, &mut checkpoint, device, dtype, progress)
+        Self::from_source(config, &mut checkpoint, placement, dtype, progress)
     }
 
     /// A model of `config` with random weights made on the device, for benchmarks (speed
@@ -137,27 +137,35 @@ impl PltModel {
         quant: Option<GgmlDType>,
     ) -> Result<Self> {
         let mut source = RandomWeights::new(placement, quant);
-        let (device, dtype) = (&placement.device, source.dtype());
-        Self::from_source(config, &mut source, device, dtype, &mut |_| {})
+        let dtype = source.dtype();
+        Self::from_source(config, &mut source, placement, dtype, &mut |_| {})
     }
 
     /// Loads the model of an opened GGUF file; quantized matrices stay quantized.
     pub fn from_gguf(
         gguf: &mut GgufWeights,
-        device: &Device,
+        placement: &Placement,
         progress: &mut dyn FnMut(f32),
     ) -> Result<Self> {
         let config = gguf.config()?;
-        Self::from_source(config, gguf, device, DType::F32, progress)
+        Self::from_source(config, gguf, placement, DType::F32, progress)
     }
 
+    /// The model of `config` from `source` on `placement`'s device, computing in `dtype`;
+    /// on the CPU in f32, decode runs the path `placement.kernels` names.
     fn from_source(
         config: PltConfig,
         source: &mut dyn WeightSource,
-        device: &Device,
+        placement: &Placement,
         dtype: DType,
         progress: &mut dyn FnMut(f32),
     ) -> Result<Self> {
+        let device = &placement.device;
+        // plait's kernels are CPU ones, for the f32 compute of quantized and dense models.
+        let kernels = match placement.kernels {
+            CpuKernels::Plait(isa) if device.is_cpu() && dtype == DType::F32 => Some(isa),
+            _ => None,
+        };
         let c = &config;
         let (d, h, kv, hd) = (
             c.hidden_size,
@@ -167,6 +175,7 @@ impl PltModel {
         );
         let embed = source.matrix("model.embed_tokens.weight", &[c.vocab_size, d])?;
         let lm_head = Matrix::new(
+            kernels,
             if c.tie_word_embeddings
                 || (!source.contains("lm_head.weight") && source.ties_missing_head())
             {
@@ -182,7 +191,7 @@ impl PltModel {
             let plt_gate = if source.contains(&gate_name) || c.plt_num_loops > 1 {
                 Some(if c.plt_gate_use_hidden_states {
                     PltGate::HiddenState {
-                        weight: Matrix::new(source.matrix(&gate_name, &[h, d])?),
+                        weight: Matrix::new(kernels, source.matrix(&gate_name, &[h, d])?),
                         bias: source.tensor(&format!("{p}.self_attn.plt_gate.bias"), &[h])?,
                         norm: source
                             .tensor(&format!("{p}.self_attn.plt_gate.gate_norm.weight"), &[d])?,
@@ -211,25 +220,31 @@ impl PltModel {
                 source.matrix(&format!("{p}.{name}.weight"), shape)
             };
             let ffn = c.intermediate_size;
-            let [q_proj, k_proj, v_proj] = Matrix::stacked([
-                raw(source, "self_attn.q_proj", &[h * hd, d])?,
-                raw(source, "self_attn.k_proj", &[kv * hd, d])?,
-                raw(source, "self_attn.v_proj", &[kv * hd, d])?,
-            ]);
-            let [gate_proj, up_proj] = Matrix::stacked([
-                raw(source, "mlp.gate_proj", &[ffn, d])?,
-                raw(source, "mlp.up_proj", &[ffn, d])?,
-            ]);
+            let [q_proj, k_proj, v_proj] = Matrix::stacked(
+                kernels,
+                [
+                    raw(source, "self_attn.q_proj", &[h * hd, d])?,
+                    raw(source, "self_attn.k_proj", &[kv * hd, d])?,
+                    raw(source, "self_attn.v_proj", &[kv * hd, d])?,
+                ],
+            );
+            let [gate_proj, up_proj] = Matrix::stacked(
+                kernels,
+                [
+                    raw(source, "mlp.gate_proj", &[ffn, d])?,
+                    raw(source, "mlp.up_proj", &[ffn, d])?,
+                ],
+            );
             layers.push(DecoderLayer {
                 input_norm: norm(source, "input_layernorm")?,
                 post_attention_norm: norm(source, "post_attention_layernorm")?,
                 q_proj,
                 k_proj,
                 v_proj,
-                o_proj: Matrix::new(raw(source, "self_attn.o_proj", &[d, h * hd])?),
+                o_proj: Matrix::new(kernels, raw(source, "self_attn.o_proj", &[d, h * hd])?),
                 gate_proj,
                 up_proj,
-                down_proj: Matrix::new(raw(source, "mlp.down_proj", &[d, ffn])?),
+                down_proj: Matrix::new(kernels, raw(source, "mlp.down_proj", &[d, ffn])?),
                 plt_gate,
             });
             progress((i + 1) as f32 / c.num_hidden_layers as f32);
@@ -250,8 +265,8 @@ impl PltModel {
             rope_interleaved: source.rope_interleaved(),
             cpu: None,
         };
-        if device.is_cpu() && dtype == DType::F32 {
-            model.cpu = Some(fused::CpuWeights::new(&model)?);
+        if let Some(isa) = kernels {
+            model.cpu = Some(fused::CpuWeights::new(&model, isa)?);
         }
         Ok(model)
     }
@@ -310,6 +325,14 @@ impl PltModel {
         self.layers
             .first()
             .map_or_else(|| "none".into(), |l| l.q_proj.storage_name())
+    }
+
+    /// What runs the decode step: plait's fused CPU step at its width, else candle's
+    /// operations (other devices and dtypes, or `PLAIT_CPU_KERNELS=candle`).
+    pub fn decode_kernels(&self) -> CpuKernels {
+        self.cpu
+            .as_ref()
+            .map_or(CpuKernels::Candle, |w| CpuKernels::Plait(w.isa))
     }
 
     /// The checkpoint's configuration.
@@ -927,16 +950,20 @@ struct FastColumns {
 }
 
 impl Matrix {
-    fn new(candle: QMatMul) -> Self {
-        let [matrix] = Self::stacked([candle]);
+    /// [`Self::stacked`] of one matrix.
+    fn new(kernels: Option<Isa>, candle: QMatMul) -> Self {
+        let [matrix] = Self::stacked(kernels, [candle]);
         matrix
     }
 
-    /// The matrices of `parts`, sharing one kernel matrix when all are quantized in one
-    /// supported format with one row length; candle's otherwise. candle's blocks of a part
-    /// that gets a kernel are dropped here (unless another owner keeps them, e.g. the
-    /// embedding of a tied head).
-    fn stacked<const N: usize>(parts: [QMatMul; N]) -> [Self; N] {
+    /// The matrices of `parts`, sharing one kernel matrix at width `kernels` when there is
+    /// one and all are quantized in one supported format with one row length; candle's
+    /// otherwise. candle's blocks of a part that gets a kernel are dropped here (unless
+    /// another owner keeps them, e.g. the embedding of a tied head).
+    fn stacked<const N: usize>(kernels: Option<Isa>, parts: [QMatMul; N]) -> [Self; N] {
+        let Some(isa) = kernels else {
+            return parts.map(Self::Candle);
+        };
         let qtensors: Option<Vec<&QTensor>> = parts
             .iter()
             .map(|m| match m {
@@ -946,7 +973,7 @@ impl Matrix {
             })
             .collect();
         let Some((kernel, columns)) = qtensors.and_then(|ts| {
-            let (kernel, ranges) = QuantMatrix::from_qtensors(&ts)?;
+            let (kernel, ranges) = QuantMatrix::from_qtensors(&ts, isa)?;
             // from_qtensors gives one range per part.
             let stored = ts.iter().map(|t| t.dtype());
             Some((

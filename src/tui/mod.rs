@@ -18,7 +18,7 @@ use crossterm::execute;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::engine::{Engine, EngineOptions, Request};
+use crate::engine::{Backend, Engine, EngineOptions, EventSink, Request};
 use crate::patch::{apply_reviewed, prepare, Edit, FileChange, Journal, PatchError};
 use app::{update, App, AppEvent, Effect, Settings};
 use markdown::Highlighter;
@@ -43,15 +43,30 @@ pub struct TuiOptions {
     pub state_dir: PathBuf,
 }
 
-/// Runs the TUI until the user quits; the terminal is restored on every way out.
+/// Runs the TUI on the local engine until the user quits; the terminal is restored on every
+/// way out.
 pub fn run(options: TuiOptions) -> std::io::Result<()> {
+    let engine = options.engine.clone();
+    run_with(options, move |sink| {
+        Ok(Box::new(Engine::spawn(engine, sink)?) as Box<dyn Backend>)
+    })
+}
+
+/// [`run`] on the backend `start` returns, given the sink for its events.
+pub fn run_with(
+    options: TuiOptions,
+    start: impl FnOnce(EventSink) -> std::io::Result<Box<dyn Backend>>,
+) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(event_loop(options))
+    runtime.block_on(event_loop(options, start))
 }
 
-async fn event_loop(options: TuiOptions) -> std::io::Result<()> {
+async fn event_loop(
+    options: TuiOptions,
+    start: impl FnOnce(EventSink) -> std::io::Result<Box<dyn Backend>>,
+) -> std::io::Result<()> {
     let (engine_tx, mut engine_rx) = mpsc::unbounded_channel();
     let name = options
         .engine
@@ -66,15 +81,22 @@ async fn event_loop(options: TuiOptions) -> std::io::Result<()> {
         state_dir: options.state_dir,
     };
     // The UI is up at once; the worker loads the model and reports progress as events.
-    let engine = Engine::spawn(options.engine, move |event| {
+    let engine = start(Box::new(move |event| {
         // The receiver is gone only when the UI has quit: nothing to report to.
         let _ = engine_tx.send(event);
-    })?;
+    }))?;
     // ratatui::init enters the alternate screen and raw mode and installs a panic hook
     // that restores the terminal before the panic message prints.
     let mut terminal = ratatui::init();
     execute!(std::io::stdout(), EnableBracketedPaste, EnableMouseCapture)?;
-    let result = drive(&mut terminal, &mut app, &engine, &files, &mut engine_rx).await;
+    let result = drive(
+        &mut terminal,
+        &mut app,
+        engine.as_ref(),
+        &files,
+        &mut engine_rx,
+    )
+    .await;
     let _ = execute!(
         std::io::stdout(),
         DisableMouseCapture,
@@ -88,7 +110,7 @@ async fn event_loop(options: TuiOptions) -> std::io::Result<()> {
 async fn drive(
     terminal: &mut ratatui::DefaultTerminal,
     app: &mut App,
-    engine: &Engine,
+    engine: &dyn Backend,
     files: &Files,
     engine_rx: &mut mpsc::UnboundedReceiver<crate::engine::Event>,
 ) -> std::io::Result<()> {
@@ -213,7 +235,7 @@ fn read_all(paths: Vec<PathBuf>) -> Vec<(PathBuf, Result<String, String>)> {
 }
 
 /// Carries out an effect; file effects report back as events.
-fn apply(effect: Effect, engine: &Engine, files: &Files) -> Option<Followup> {
+fn apply(effect: Effect, engine: &dyn Backend, files: &Files) -> Option<Followup> {
     match effect {
         Effect::Send(request) => {
             engine.send(request);
