@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use plait::model::{PltModel, MAX_LOOPS};
+use plait::model::{CpuKernels, Isa, PltModel, MAX_LOOPS};
 
 fn load_error(dir: &Path) -> String {
     match PltModel::load(dir, &Device::Cpu) {
@@ -380,4 +380,108 @@ fn generation_stops_on_a_stop_id_and_never_returns_it() {
         }
     }
     assert!(stopped, "no seed reached a stop id");
+}
+
+#[test]
+fn perplexity_incremental_compares_the_decode_path_on_every_kernel_path() {
+    let name = "plt-tiny-2loop";
+    let exp = expected(name);
+    let seq: Vec<String> = ids(&exp["sequence_ids"])
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    let model = fixture(name);
+    for kernels in CpuKernels::supported() {
+        for loops in [2, 3] {
+            let (code, stdout, stderr) = plait_with_env(
+                &[
+                    "perplexity",
+                    "--model",
+                    model.to_str().unwrap(),
+                    "--ids",
+                    &seq.join(","),
+                    "--loops",
+                    &loops.to_string(),
+                    "--incremental",
+                    "--compare",
+                    "--json",
+                ],
+                &[(CpuKernels::ENV, kernels.name())],
+            );
+            assert_eq!(code, 0, "{stderr}");
+            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            let at = format!("{} loops {loops}: {v}", kernels.name());
+            assert_eq!(v["kernels"], kernels.name(), "{at}");
+            assert_eq!(
+                (v["tokens"].as_u64(), v["scored"].as_u64()),
+                (Some(seq.len() as u64), Some(seq.len() as u64 - 1)),
+                "{at}"
+            );
+            assert_eq!(v["loops"], loops, "{at}");
+            // A dense f32 checkpoint: the decode path is the oracle's forward one token at a
+            // time, so its nll is the oracle's and the two paths agree to rounding.
+            let want = exp[format!("loops{loops}")]["nll"].as_f64().unwrap();
+            for key in ["nll", "nll_prefill"] {
+                let got = v[key].as_f64().unwrap();
+                assert!((got - want).abs() < 1e-4, "{key} {got} vs {want}: {at}");
+            }
+            assert!(v["kl_mean"].as_f64().unwrap() < 1e-6, "{at}");
+            assert!(
+                v["kl_p99"].as_f64().unwrap() <= v["kl_max"].as_f64().unwrap(),
+                "{at}"
+            );
+            assert!(v["kl_max"].as_f64().unwrap() < 1e-5, "{at}");
+            assert!(v["max_logprob_error"].as_f64().unwrap() < 1e-3, "{at}");
+            assert_eq!(v["top1_agreement"], 1.0, "{at}");
+            let worst = v["worst_position"].as_u64().unwrap();
+            assert!((1..seq.len() as u64).contains(&worst), "{at}");
+        }
+    }
+    let (code, _, stderr) = plait(&[
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2",
+        "--compare",
+    ]);
+    assert_ne!(code, 0, "--compare without --incremental");
+    assert!(stderr.contains("--incremental"), "{stderr}");
+}
+
+#[test]
+fn a_bad_cpu_kernel_path_is_named_with_the_valid_ones() {
+    let model = fixture("plt-tiny-2loop");
+    let run = |value: &str| {
+        plait_with_env(
+            &[
+                "perplexity",
+                "--model",
+                model.to_str().unwrap(),
+                "--ids",
+                "1,2,3",
+            ],
+            &[(CpuKernels::ENV, value)],
+        )
+    };
+    let (code, _, stderr) = run("avx9000");
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("PLAIT_CPU_KERNELS=avx9000")
+            && stderr.contains("candle, scalar, avx2, vnni, vnni512")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    // A width this CPU lacks (none on a CPU with every one) names the ones it has.
+    if let Some(missing) = Isa::ALL.into_iter().find(|isa| *isa > Isa::widest()) {
+        let (code, _, stderr) = run(missing.name());
+        assert_ne!(code, 0);
+        let runs: Vec<&str> = CpuKernels::supported().iter().map(|k| k.name()).collect();
+        assert!(
+            stderr.contains("lacks") && stderr.contains(&runs.join(", ")),
+            "{stderr}"
+        );
+    }
+    let (code, _, stderr) = run("scalar");
+    assert_eq!(code, 0, "{stderr}");
 }

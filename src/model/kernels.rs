@@ -135,6 +135,10 @@ pub(crate) struct QuantMatrix {
 const OUTLIER_RATIO: f32 = 4.0;
 /// Most outliers taken out of one block.
 const MAX_OUTLIERS: u32 = 2;
+/// Only blocks whose amax² is at least this many times the row's mean amax² give their
+/// outliers up: the int8 error a block adds to a product grows with amax², so the others
+/// cost more to split than they lose.
+const OUTLIER_SHARE: f32 = 4.0;
 
 /// Up to [`MAX_ROWS`] activation rows quantized to Q8_1, stored block-major so the rows of
 /// one block sit next to each other: `qs[(b * rows + r) * 32 ..]`, `d[b * rows + r]`, and
@@ -180,22 +184,31 @@ impl Q8Rows {
             }
             quantize_block(xs, out)
         };
+        let mut blocks = Vec::with_capacity(kb);
         for r in 0..rows {
+            // Every block as ggml quantizes it, then again without the outliers of those
+            // whose scale matters to the row (the error a block adds grows with amax²).
+            blocks.clear();
             for b in 0..kb {
                 let xs = &x[r * k + b * QK..r * k + (b + 1) * QK];
                 let out = &mut qs[(b * rows + r) * QK..(b * rows + r + 1) * QK];
-                let (mut dd, mut sum, above) = quantize(xs, out);
-                if (1..=MAX_OUTLIERS).contains(&above) {
+                blocks.push(quantize(xs, out));
+            }
+            let mean_sq = blocks.iter().map(|(dd, ..)| dd * dd).sum::<f32>() / kb as f32;
+            for (b, &(mut dd, mut sum, above)) in blocks.iter().enumerate() {
+                let amax = dd * 127.0;
+                if (1..=MAX_OUTLIERS).contains(&above) && dd * dd >= OUTLIER_SHARE * mean_sq {
                     // A few values above amax / OUTLIER_RATIO: the block again without them.
+                    let xs = &x[r * k + b * QK..r * k + (b + 1) * QK];
                     let mut rest = [0f32; QK];
                     rest.copy_from_slice(xs);
-                    let limit = amax_of(xs) / OUTLIER_RATIO;
                     for (i, v) in rest.iter_mut().enumerate() {
-                        if v.abs() > limit {
+                        if v.abs() > amax / OUTLIER_RATIO {
                             outliers.push((r, b * QK + i, *v));
                             *v = 0.0;
                         }
                     }
+                    let out = &mut qs[(b * rows + r) * QK..(b * rows + r + 1) * QK];
                     (dd, sum, _) = quantize(&rest, out);
                 }
                 let dh = f16::from_f32(dd).to_f32();
@@ -1070,47 +1083,47 @@ mod avx2 {
             Format::Q4_1 => (Q4_1_TILE_BLOCK, 32),
             Format::Q8_0 => (Q8_0_TILE_BLOCK, 16),
         };
+        // Per outlier, where its weight byte sits in a tile and the shifts that take it out
+        // of each column's 32-bit lane: Q4_1 keeps weights t and t + 16 in one byte's low
+        // and high nibbles; Q8_0's bytes are signed.
+        let at: Vec<(usize, usize, usize, i32, f32)> = q8
+            .outliers
+            .iter()
+            .map(|&(r, i, x)| {
+                let (b, t) = (i / QK, i % QK);
+                let (group, shift) = match format {
+                    Format::Q4_1 => ((t % 16) / 4, 8 * (t % 4) as i32 + 4 * (t / 16) as i32),
+                    Format::Q8_0 => (t / 4, 24 - 8 * (t % 4) as i32),
+                };
+                (r, b * block, b * block + weights_at + 32 * group, shift, x)
+            })
+            .collect();
         let rows = q8.rows;
-        for (tile, ws) in out
-            .chunks_exact_mut(TILE * rows)
-            .zip(w.chunks_exact(kb * block))
-        {
-            for &(r, i, x) in &q8.outliers {
-                let blk = &ws[(i / QK) * block..(i / QK + 1) * block];
-                let t = i % QK;
-                let weights = &blk[weights_at..];
-                let row = &mut tile[r * TILE..(r + 1) * TILE];
-                // SAFETY (all intrinsics): AVX2, FMA and F16C are enabled here; loads and
-                // stores are of slices just cut to their size.
-                unsafe {
-                    let d = f16x8(blk, 0);
-                    // Byte t of each column's block: the 4-byte groups interleave columns.
+        // SAFETY (all intrinsics): AVX2, FMA and F16C are enabled here; loads and stores
+        // are of slices cut to their size.
+        unsafe {
+            let nibble = _mm256_set1_epi32(0x0F);
+            for (tile, ws) in out
+                .chunks_exact_mut(TILE * rows)
+                .zip(w.chunks_exact(kb * block))
+            {
+                for &(r, blk, group, shift, x) in &at {
+                    let d = f16x8(ws, blk);
+                    let v = load32(ws, group);
+                    let shift = _mm_cvtsi32_si128(shift);
                     let value = match format {
                         Format::Q4_1 => {
-                            let t16 = t % 16;
-                            let v = load32(weights, 32 * (t16 / 4));
-                            let byte = _mm256_and_si256(
-                                _mm256_srlv_epi32(v, _mm256_set1_epi32(8 * (t16 % 4) as i32)),
-                                _mm256_set1_epi32(0xFF),
-                            );
-                            let shift = _mm256_set1_epi32(if t < 16 { 0 } else { 4 });
-                            let q = _mm256_and_si256(
-                                _mm256_srlv_epi32(byte, shift),
-                                _mm256_set1_epi32(0x0F),
-                            );
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, f16x8(blk, 16))
+                            let q = _mm256_and_si256(_mm256_srl_epi32(v, shift), nibble);
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, f16x8(ws, blk + 16))
                         }
                         Format::Q8_0 => {
-                            let v = load32(weights, 32 * (t / 4));
-                            // Sign-extend byte t % 4 of each lane.
-                            let up =
-                                _mm256_sllv_epi32(v, _mm256_set1_epi32(24 - 8 * (t % 4) as i32));
-                            let q = _mm256_srai_epi32(up, 24);
+                            let q = _mm256_srai_epi32(_mm256_sll_epi32(v, shift), 24);
                             _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
                         }
                     };
-                    let y = _mm256_loadu_ps(row.as_ptr());
-                    let y = _mm256_fmadd_ps(value, _mm256_set1_ps(x), y);
+                    let row = &mut tile[r * TILE..(r + 1) * TILE];
+                    let y =
+                        _mm256_fmadd_ps(value, _mm256_set1_ps(x), _mm256_loadu_ps(row.as_ptr()));
                     _mm256_storeu_ps(row.as_mut_ptr(), y);
                 }
             }
@@ -1794,7 +1807,7 @@ pub(crate) mod tests {
 
     #[test]
     fn outliers_are_kept_in_f32_and_leave_their_blocks_exact() {
-        let (n, k) = (72, 256);
+        let (n, k) = (72, 512);
         for dtype in FORMATS {
             let q = quantized(n, k, 17, dtype);
             let w = dequantized(&q);

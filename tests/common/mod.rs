@@ -88,8 +88,14 @@ pub fn edit_weights(
 
 /// Runs the plait binary; returns (exit code, stdout, stderr).
 pub fn plait(args: &[&str]) -> (i32, String, String) {
+    plait_with_env(args, &[])
+}
+
+/// [`plait`] with these environment variables set.
+pub fn plait_with_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_plait"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
