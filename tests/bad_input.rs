@@ -218,15 +218,17 @@ fn commands_report_bad_input_with_a_nonzero_exit() {
     }
 }
 
+/// A fixture's expected.json ids under `key`, as the command line takes them.
+fn id_args(exp: &serde_json::Value, key: &str) -> Vec<String> {
+    ids(&exp[key]).iter().map(u32::to_string).collect()
+}
+
 #[test]
 fn commands_print_the_documented_json() {
     let name = "plt-tiny-2loop";
     let exp = expected(name);
-    let seq: Vec<String> = ids(&exp["sequence_ids"])
-        .iter()
-        .map(u32::to_string)
-        .collect();
-    let prompt: Vec<String> = ids(&exp["prompt_ids"]).iter().map(u32::to_string).collect();
+    let seq = id_args(&exp, "sequence_ids");
+    let prompt = id_args(&exp, "prompt_ids");
     let model = fixture(name);
     let model = model.to_str().unwrap();
 
@@ -386,10 +388,7 @@ fn generation_stops_on_a_stop_id_and_never_returns_it() {
 fn perplexity_incremental_compares_the_decode_path_on_every_kernel_path() {
     let name = "plt-tiny-2loop";
     let exp = expected(name);
-    let seq: Vec<String> = ids(&exp["sequence_ids"])
-        .iter()
-        .map(u32::to_string)
-        .collect();
+    let seq = id_args(&exp, "sequence_ids");
     let model = fixture(name);
     for kernels in CpuKernels::supported() {
         for loops in [2, 3] {

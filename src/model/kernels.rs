@@ -1086,7 +1086,9 @@ mod avx2 {
         // Per outlier, where its weight byte sits in a tile and the shifts that take it out
         // of each column's 32-bit lane: Q4_1 keeps weights t and t + 16 in one byte's low
         // and high nibbles; Q8_0's bytes are signed.
-        let at: Vec<(usize, usize, usize, i32, f32)> = q8
+        // Sorted by index, so that rows with an outlier at the same index (the same
+        // massive dimension in every loop's row) share one pass over its weights.
+        let mut at: Vec<(usize, usize, usize, usize, i32, f32)> = q8
             .outliers
             .iter()
             .map(|&(r, i, x)| {
@@ -1095,9 +1097,17 @@ mod avx2 {
                     Format::Q4_1 => ((t % 16) / 4, 8 * (t % 4) as i32 + 4 * (t / 16) as i32),
                     Format::Q8_0 => (t / 4, 24 - 8 * (t % 4) as i32),
                 };
-                (r, b * block, b * block + weights_at + 32 * group, shift, x)
+                (
+                    i,
+                    r,
+                    b * block,
+                    b * block + weights_at + 32 * group,
+                    shift,
+                    x,
+                )
             })
             .collect();
+        at.sort_by_key(|a| (a.0, a.1));
         let rows = q8.rows;
         // SAFETY (all intrinsics): AVX2, FMA and F16C are enabled here; loads and stores
         // are of slices cut to their size.
@@ -1107,20 +1117,24 @@ mod avx2 {
                 .chunks_exact_mut(TILE * rows)
                 .zip(w.chunks_exact(kb * block))
             {
-                for &(r, blk, group, shift, x) in &at {
-                    let d = f16x8(ws, blk);
-                    let v = load32(ws, group);
-                    let shift = _mm_cvtsi32_si128(shift);
-                    let value = match format {
-                        Format::Q4_1 => {
-                            let q = _mm256_and_si256(_mm256_srl_epi32(v, shift), nibble);
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, f16x8(ws, blk + 16))
-                        }
-                        Format::Q8_0 => {
-                            let q = _mm256_srai_epi32(_mm256_sll_epi32(v, shift), 24);
-                            _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
-                        }
-                    };
+                let (mut last, mut value) = (usize::MAX, _mm256_setzero_ps());
+                for &(i, r, blk, group, shift, x) in &at {
+                    if i != last {
+                        let d = f16x8(ws, blk);
+                        let v = load32(ws, group);
+                        let shift = _mm_cvtsi32_si128(shift);
+                        value = match format {
+                            Format::Q4_1 => {
+                                let q = _mm256_and_si256(_mm256_srl_epi32(v, shift), nibble);
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d, f16x8(ws, blk + 16))
+                            }
+                            Format::Q8_0 => {
+                                let q = _mm256_srai_epi32(_mm256_sll_epi32(v, shift), 24);
+                                _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
+                            }
+                        };
+                        last = i;
+                    }
                     let row = &mut tile[r * TILE..(r + 1) * TILE];
                     let y =
                         _mm256_fmadd_ps(value, _mm256_set1_ps(x), _mm256_loadu_ps(row.as_ptr()));

@@ -215,13 +215,12 @@ fn attention<K: KvElem>(
     let piece = nq * (hd + 2);
     // `[kv_heads, loops, group * hd]`: each KV head's queries in one run, gathered
     // once for all of its key ranges.
-    let by_kv_head: Vec<f32> = (0..kv_heads)
-        .flat_map(|g| {
-            q.chunks_exact(qw)
-                .flat_map(move |r| &r[g * width..(g + 1) * width])
-        })
-        .copied()
-        .collect();
+    let mut by_kv_head = Vec::with_capacity(q.len());
+    for g in 0..kv_heads {
+        for row in q.chunks_exact(qw) {
+            by_kv_head.extend_from_slice(&row[g * width..(g + 1) * width]);
+        }
+    }
     let mut partials = vec![0f32; kv_heads * chunks * piece];
     parallel_pieces(&mut partials, piece, |t, out| {
         let (g, c) = (t / chunks, t % chunks);
