@@ -572,16 +572,23 @@ fn generate(args: GenerateArgs) -> Result<()> {
 fn ask(args: AskArgs) -> Result<()> {
     let dir = &model_path(args.model.model.as_deref())?;
     let (loaded, loops) = load(dir, &args.model)?;
-    let tok = tokenizer(&loaded, dir)?;
+    tokenizer(&loaded, dir)?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(ChatMessage::new("system", system.as_str()));
     }
     messages.push(ChatMessage::new("user", args.question.as_str()));
-    let rendered = loaded.template.render(&messages, true)?;
-    let prompt = tok.encode(&rendered, false)?;
+    // The engine's conversation policy, as the TUI's: the template, and the answer's room.
+    let context = loaded.model.config().max_position_embeddings;
+    let fitted =
+        engine::conversation_prompt(&loaded, &messages, args.sampling.max_tokens, context)?;
+    let (prompt, max_tokens) = (fitted.ids, fitted.max_tokens);
+    let sampling = SamplingArgs {
+        max_tokens,
+        ..args.sampling
+    };
     if args.model.json {
-        let out = run_generation(&loaded, loops, &prompt, &args.sampling, None)?;
+        let out = run_generation(&loaded, loops, &prompt, &sampling, None)?;
         println!("{}", generation_json(&loaded, prompt.len(), loops, &out)?);
         return Ok(());
     }
@@ -591,7 +598,7 @@ fn ask(args: AskArgs) -> Result<()> {
         stdout.flush()?;
         Ok(())
     };
-    let out = run_generation(&loaded, loops, &prompt, &args.sampling, Some(&mut print))?;
+    let out = run_generation(&loaded, loops, &prompt, &sampling, Some(&mut print))?;
     println!();
     eprintln!(
         "{}",

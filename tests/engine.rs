@@ -213,3 +213,40 @@ fn a_conversation_that_outgrows_the_context_drops_its_oldest_messages() {
         }
     }
 }
+
+#[test]
+fn requests_sent_during_an_answer_are_all_served_in_order() {
+    let (engine, rx) = start(None);
+    // All three are queued before the first answer's first token: the worker takes the
+    // other two in while it streams, and must keep both.
+    let lengths = [5, 3, 4];
+    for (i, &n) in lengths.iter().enumerate() {
+        let question = format!("question {i}");
+        engine.send(ask(&[ChatMessage::new("user", question.as_str())], n));
+    }
+    for &n in &lengths {
+        let (_, stats) = until_done(&rx);
+        assert_eq!(
+            (stats.stop_reason, stats.tokens),
+            (StopReason::MaxTokens, n),
+            "answers in the order asked"
+        );
+    }
+}
+
+#[test]
+fn a_reset_during_an_answer_cancels_it_first() {
+    let (engine, rx) = start(None);
+    engine.send(ask(&[ChatMessage::new("user", "tell me everything")], 200));
+    engine.send(Request::Reset);
+    let (_, stats) = until_done(&rx);
+    assert_eq!(stats.stop_reason, StopReason::Cancelled);
+    assert!(stats.tokens < 200, "{stats:?}");
+    loop {
+        match next(&rx) {
+            Event::ResetDone => break,
+            Event::Error(e) => panic!("engine error: {e}"),
+            _ => {}
+        }
+    }
+}

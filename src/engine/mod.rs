@@ -2,16 +2,20 @@
 //! generation, scoring and benchmarks.
 
 mod bench;
+mod conversation;
 mod generate;
 mod metrics;
 mod protocol;
 mod score;
 mod worker;
 
+/// The model types a front end needs, so that it reaches the model only through the engine.
+pub use crate::model::{ChatMessage, SamplingParams, MAX_LOOPS};
 pub use bench::{
     bench_followup, bench_ids, bench_loop_counts, copy_bandwidth, synthetic_model, FollowupBench,
     LoopBench,
 };
+pub use conversation::{conversation_prompt, ConversationPrompt};
 pub use generate::{
     generate, GenerateRequest, Generation, GenerationObserver, StepControl, StopReason,
 };

@@ -1,5 +1,6 @@
 //! The worker thread that owns the model and its cache and serves requests.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
@@ -7,11 +8,9 @@ use std::time::Instant;
 
 use candle_core::DType;
 
-use crate::model::{
-    ChatMessage, DeviceSpec, LoadedModel, ModelError, Placement, PltCache, Result, Sampler,
-    TextTokenizer,
-};
+use crate::model::{ChatMessage, DeviceSpec, LoadedModel, Placement, PltCache, Result, Sampler};
 
+use super::conversation::conversation_prompt;
 use super::generate::{generate, GenerateRequest, GenerationObserver, StepControl};
 use super::protocol::{Backend, Event, ModelInfo, Request, TurnStats};
 
@@ -130,9 +129,10 @@ fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
         }
     };
     sink(Event::Loaded(model_info(&loaded, &options, loops)));
-    let mut pending = None;
+    // Requests that arrived while an answer ran, in order: every one is served.
+    let mut pending = VecDeque::new();
     loop {
-        let request = match pending.take() {
+        let request = match pending.pop_front() {
             Some(r) => r,
             None => match inbox.recv() {
                 Ok(r) => r,
@@ -155,7 +155,7 @@ fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
                     &inbox,
                     sink,
                 ) {
-                    Ok(next) => pending = next,
+                    Ok(arrived) => pending.extend(arrived),
                     Err(e) => sink(Event::Error(e.to_string())),
                 }
             }
@@ -182,8 +182,8 @@ struct Streamer<'a> {
     inbox: &'a Receiver<Request>,
     sink: &'a dyn Fn(Event),
     last: Instant,
-    /// A request that is not for the running answer, served after it.
-    deferred: Option<Request>,
+    /// Requests that are not for the running answer, in order, served after it.
+    deferred: Vec<Request>,
 }
 
 impl GenerationObserver for Streamer<'_> {
@@ -211,22 +211,19 @@ impl GenerationObserver for Streamer<'_> {
                     (self.sink)(Event::LoopsChanged(n));
                     control = StepControl::SetLoops(n);
                 }
-                Ok(Request::Shutdown) => {
-                    self.deferred = Some(Request::Shutdown);
+                // A new conversation (or the end) stops the answer first.
+                Ok(request @ (Request::Shutdown | Request::Reset)) => {
+                    self.deferred.push(request);
                     return StepControl::Stop;
                 }
-                Ok(other) => {
-                    if self.deferred.is_none() {
-                        self.deferred = Some(other);
-                    }
-                }
+                Ok(other) => self.deferred.push(other),
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return control,
             }
         }
     }
 }
 
-/// Answers one turn; returns a request that arrived meanwhile and is still to be served.
+/// Answers one turn; returns the requests that arrived meanwhile, still to be served.
 fn answer(
     loaded: &LoadedModel,
     cache: &mut PltCache,
@@ -235,17 +232,13 @@ fn answer(
     (max_tokens, context): (usize, usize),
     inbox: &Receiver<Request>,
     sink: &dyn Fn(Event),
-) -> Result<Option<Request>> {
-    let tokenizer = loaded
-        .tokenizer
-        .as_ref()
-        .ok_or(crate::model::ModelError::Encode(
-            "the model has no tokenizer".into(),
-        ))?;
-    let (prompt, dropped_messages) = fit_prompt(loaded, tokenizer, messages, max_tokens, context)?;
+) -> Result<Vec<Request>> {
+    let prompt = conversation_prompt(loaded, messages, max_tokens, context)?;
+    let tokenizer = prompt.tokenizer;
+    let dropped_messages = prompt.dropped_messages;
     let request = GenerateRequest {
-        prompt: &prompt,
-        max_tokens: max_tokens.min(context - prompt.len()),
+        prompt: &prompt.ids,
+        max_tokens: prompt.max_tokens,
         stop_ids: &loaded.stop_ids,
     };
     let mut streamer = Streamer {
@@ -253,7 +246,7 @@ fn answer(
         inbox,
         sink,
         last: Instant::now(),
-        deferred: None,
+        deferred: Vec::new(),
     };
     let out = generate(&loaded.model, cache, sampler, &request, &mut streamer)?;
     if let Some(Ok(Some(rest))) = streamer.stream.as_mut().map(|s| s.finish()) {
@@ -273,43 +266,4 @@ fn answer(
         dropped_messages,
     }));
     Ok(streamer.deferred)
-}
-
-/// The prompt for `messages` within `context` positions with room left for an answer: the
-/// oldest messages after the system prompt are left out until it fits. Returns the prompt
-/// and how many messages were left out.
-fn fit_prompt(
-    loaded: &LoadedModel,
-    tokenizer: &TextTokenizer,
-    messages: &[ChatMessage],
-    max_tokens: usize,
-    context: usize,
-) -> Result<(Vec<u32>, usize)> {
-    // Room for at least a short answer, even when max_tokens asks for more than fits.
-    let answer_room = max_tokens.clamp(1, (context / 4).max(1));
-    let system = usize::from(messages.first().is_some_and(|m| m.role == "system"));
-    let mut dropped = 0;
-    loop {
-        let kept: Vec<ChatMessage> = messages[..system]
-            .iter()
-            .chain(&messages[system + dropped..])
-            .cloned()
-            .collect();
-        let prompt = tokenizer.encode(&loaded.template.render(&kept, true)?, false)?;
-        if prompt.len() + answer_room <= context {
-            return Ok((prompt, dropped));
-        }
-        if system + dropped + 1 >= messages.len() {
-            // Only the system prompt and the last message are left, and they do not fit.
-            return Err(ModelError::ContextOverflow {
-                len: prompt.len() + answer_room,
-                max: context,
-            });
-        }
-        dropped += 1;
-        // A conversation starts with a question: never keep an answer without its message.
-        while system + dropped + 1 < messages.len() && messages[system + dropped].role != "user" {
-            dropped += 1;
-        }
-    }
 }

@@ -130,8 +130,8 @@ pub(crate) struct QuantMatrix {
     isa: Isa,
 }
 
-/// A block's largest |x| counts as an outlier when every other value of the block is below
-/// it by at least this factor (see [`Q8Rows`]).
+/// A value counts as an outlier when it is above the block's largest |x| over this factor
+/// and at most [`MAX_OUTLIERS`] of the block are (see [`Q8Rows`]).
 const OUTLIER_RATIO: f32 = 4.0;
 /// Most outliers taken out of one block.
 const MAX_OUTLIERS: u32 = 2;
@@ -144,13 +144,14 @@ const OUTLIER_SHARE: f32 = 4.0;
 /// one block sit next to each other: `qs[(b * rows + r) * 32 ..]`, `d[b * rows + r]`, and
 /// `s[b * MAX_ROWS + r]` (padded with zeros so a block's sums load as one vector).
 ///
-/// A block's one value that is [`OUTLIER_RATIO`] times every other (the massive activations
-/// of a few hidden dimensions, up to 150x their block here) is taken out of the block and
-/// kept in f32 in `outliers`: with it in, the block's step `amax / 127` would round the
-/// other 31 values to a few levels, losing most of them, and that loss, not the int8 step
-/// itself, is what sends a decode step's distribution far from the f32 one at the rare
-/// positions that depend on those values. The kernels multiply the rest as int8;
-/// [`QuantMatrix::add_outliers`] adds each outlier times its weights in f32.
+/// A block's one or two values that are [`OUTLIER_RATIO`] times every other (the massive
+/// activations of a few hidden dimensions, up to 150x the rest of their block in the
+/// default model) are taken out of the block and kept in f32 in `outliers`, when the
+/// block's scale matters to the row ([`OUTLIER_SHARE`]): with them in, the block's step
+/// `amax / 127` would round the other values to a few levels, losing most of them, and that
+/// loss, not the int8 step itself, is what sends a decode step's distribution far from the
+/// f32 one at the rare positions that depend on those values. The kernels multiply the rest
+/// as int8; [`QuantMatrix::add_outliers`] adds each outlier times its weights in f32.
 struct Q8Rows {
     rows: usize,
     qs: Vec<i8>,
@@ -237,7 +238,8 @@ fn amax_of(xs: &[f32]) -> f32 {
 
 /// One block of 32 activations quantized as ggml's `quantize_row_q8_1`: returns the scale
 /// `amax / 127`, the sum of the quantized values, and how many values exceed
-/// `amax / OUTLIER_RATIO` (1: the largest is an outlier; 0 for a block of zeros).
+/// `amax / OUTLIER_RATIO` (up to [`MAX_OUTLIERS`]: those are outliers; 0 for a block of
+/// zeros).
 fn quantize_block(xs: &[f32], out: &mut [i8]) -> (f32, i32, u32) {
     let amax = amax_of(xs);
     let dd = amax / 127.0;

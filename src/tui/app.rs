@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
 
-use crate::engine::{Event as EngineEvent, ModelInfo, Request, StopReason, TurnStats};
-use crate::model::{ChatMessage, SamplingParams, MAX_LOOPS};
+use crate::engine::{
+    ChatMessage, Event as EngineEvent, ModelInfo, Request, SamplingParams, StopReason, TurnStats,
+    MAX_LOOPS,
+};
 use crate::patch::{content_hash, infer_edits, parse_edits, Edit, FileChange};
 
 use super::markdown::Theme;

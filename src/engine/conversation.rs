@@ -1,0 +1,64 @@
+//! The conversation policy every front end shares (the TUI's worker, `ask`, a server): a
+//! conversation's messages rendered with the model's chat template and fitted to the
+//! context, with room left for the answer.
+
+use crate::model::{ChatMessage, LoadedModel, ModelError, Result, TextTokenizer};
+
+/// A conversation's prompt, fitted to the context.
+pub struct ConversationPrompt<'a> {
+    /// The prompt's token ids.
+    pub ids: Vec<u32>,
+    /// The oldest messages left out so that it fits.
+    pub dropped_messages: usize,
+    /// The most tokens the answer may have: what was asked, within the room left.
+    pub max_tokens: usize,
+    /// The model's tokenizer, to stream the answer's text.
+    pub tokenizer: &'a TextTokenizer,
+}
+
+/// The prompt for `messages` within `context` positions with room left for an answer: the
+/// oldest messages after the system prompt are left out (a question with its answer) until
+/// it fits; a system prompt and last message that alone do not fit are an error.
+pub fn conversation_prompt<'a>(
+    loaded: &'a LoadedModel,
+    messages: &[ChatMessage],
+    max_tokens: usize,
+    context: usize,
+) -> Result<ConversationPrompt<'a>> {
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or(ModelError::Encode("the model has no tokenizer".into()))?;
+    // Room for at least a short answer, even when max_tokens asks for more than fits.
+    let answer_room = max_tokens.clamp(1, (context / 4).max(1));
+    let system = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    let mut dropped = 0;
+    loop {
+        let kept: Vec<ChatMessage> = messages[..system]
+            .iter()
+            .chain(&messages[system + dropped..])
+            .cloned()
+            .collect();
+        let ids = tokenizer.encode(&loaded.template.render(&kept, true)?, false)?;
+        if ids.len() + answer_room <= context {
+            return Ok(ConversationPrompt {
+                max_tokens: max_tokens.min(context - ids.len()),
+                ids,
+                dropped_messages: dropped,
+                tokenizer,
+            });
+        }
+        if system + dropped + 1 >= messages.len() {
+            // Only the system prompt and the last message are left, and they do not fit.
+            return Err(ModelError::ContextOverflow {
+                len: ids.len() + answer_room,
+                max: context,
+            });
+        }
+        dropped += 1;
+        // A conversation starts with a question: never keep an answer without its message.
+        while system + dropped + 1 < messages.len() && messages[system + dropped].role != "user" {
+            dropped += 1;
+        }
+    }
+}
