@@ -682,6 +682,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             "model": name,
             "device": device_name(model.device()),
             "weights": model.weight_storage(),
+            "kernels": model.decode_kernels().name(),
             "threads": threads,
             "decode_weight_bytes": weight_bytes,
             "copy_gb_s": bandwidth,
@@ -698,9 +699,10 @@ fn bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "model {name} ({}) on {} ({threads} threads), {:.1} MB of weights per token",
+        "model {name} ({}) on {} ({threads} threads, {} decode), {:.1} MB of weights per token",
         model.weight_storage(),
         device_name(model.device()),
+        model.decode_kernels().name(),
         weight_bytes as f64 / 1e6
     );
     if let (Some(gb_s), Some(ceiling)) = (bandwidth, ceiling) {

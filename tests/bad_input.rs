@@ -338,6 +338,8 @@ fn commands_print_the_documented_json() {
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["weights"], "Q4_1");
+    // The decode path it measured: the widest plait kernels, unless PLAIT_CPU_KERNELS says.
+    assert_eq!(v["kernels"], CpuKernels::widest().name());
     assert!(v["followup"].is_null());
     assert_eq!(v["results"].as_array().unwrap().len(), 1);
     let (code, _, stderr) = plait(&["bench", "--synthetic", config, "--quant", "q3"]);
