@@ -375,18 +375,13 @@ fn perplexity_incremental(
         "kernels": kernels,
     });
     if let Some(c) = &result.comparison {
-        let fields = json!({
-            "nll_prefill": c.nll_prefill,
-            "kl_mean": c.kl_mean,
-            "kl_p99": c.kl_p99,
-            "kl_max": c.kl_max,
-            "top1_agreement": c.top1_agreement,
-            "max_logprob_error": c.max_logprob_error,
-            "worst_position": c.worst_position,
-        });
-        if let (Some(out), Some(fields)) = (out.as_object_mut(), fields.as_object()) {
-            out.extend(fields.clone());
-        }
+        out["nll_prefill"] = c.nll_prefill.into();
+        out["kl_mean"] = c.kl_mean.into();
+        out["kl_p99"] = c.kl_p99.into();
+        out["kl_max"] = c.kl_max.into();
+        out["top1_agreement"] = c.top1_agreement.into();
+        out["max_logprob_error"] = c.max_logprob_error.into();
+        out["worst_position"] = c.worst_position.into();
     }
     if as_json {
         println!("{out}");
@@ -572,7 +567,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
 fn ask(args: AskArgs) -> Result<()> {
     let dir = &model_path(args.model.model.as_deref())?;
     let (loaded, loops) = load(dir, &args.model)?;
-    tokenizer(&loaded, dir)?;
+    let tok = tokenizer(&loaded, dir)?;
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(ChatMessage::new("system", system.as_str()));
@@ -581,7 +576,7 @@ fn ask(args: AskArgs) -> Result<()> {
     // The engine's conversation policy, as the TUI's: the template, and the answer's room.
     let context = loaded.model.config().max_position_embeddings;
     let fitted =
-        engine::conversation_prompt(&loaded, &messages, args.sampling.max_tokens, context)?;
+        engine::conversation_prompt(&loaded, tok, &messages, args.sampling.max_tokens, context)?;
     let (prompt, max_tokens) = (fitted.ids, fitted.max_tokens);
     let sampling = SamplingArgs {
         max_tokens,

@@ -5,30 +5,26 @@
 use crate::model::{ChatMessage, LoadedModel, ModelError, Result, TextTokenizer};
 
 /// A conversation's prompt, fitted to the context.
-pub struct ConversationPrompt<'a> {
+pub struct ConversationPrompt {
     /// The prompt's token ids.
     pub ids: Vec<u32>,
     /// The oldest messages left out so that it fits.
     pub dropped_messages: usize,
     /// The most tokens the answer may have: what was asked, within the room left.
     pub max_tokens: usize,
-    /// The model's tokenizer, to stream the answer's text.
-    pub tokenizer: &'a TextTokenizer,
 }
 
-/// The prompt for `messages` within `context` positions with room left for an answer: the
+/// The prompt for `messages`, rendered with `loaded`'s chat template and encoded by
+/// `tokenizer` (the model's), within `context` positions with room left for an answer: the
 /// oldest messages after the system prompt are left out (a question with its answer) until
 /// it fits; a system prompt and last message that alone do not fit are an error.
-pub fn conversation_prompt<'a>(
-    loaded: &'a LoadedModel,
+pub fn conversation_prompt(
+    loaded: &LoadedModel,
+    tokenizer: &TextTokenizer,
     messages: &[ChatMessage],
     max_tokens: usize,
     context: usize,
-) -> Result<ConversationPrompt<'a>> {
-    let tokenizer = loaded
-        .tokenizer
-        .as_ref()
-        .ok_or(ModelError::Encode("the model has no tokenizer".into()))?;
+) -> Result<ConversationPrompt> {
     // Room for at least a short answer, even when max_tokens asks for more than fits.
     let answer_room = max_tokens.clamp(1, (context / 4).max(1));
     let system = usize::from(messages.first().is_some_and(|m| m.role == "system"));
@@ -45,7 +41,6 @@ pub fn conversation_prompt<'a>(
                 max_tokens: max_tokens.min(context - ids.len()),
                 ids,
                 dropped_messages: dropped,
-                tokenizer,
             });
         }
         if system + dropped + 1 >= messages.len() {

@@ -98,12 +98,12 @@ pub fn score_incremental(
     loops: usize,
     compare: bool,
 ) -> Result<IncrementalScore> {
-    let reference = compare
-        .then(|| prefill_logits(model, ids, loops))
-        .transpose()?;
     if ids.len() < 2 {
         return Err(ModelError::TooFewTokens(ids.len()));
     }
+    let reference = compare
+        .then(|| prefill_logits(model, ids, loops))
+        .transpose()?;
     let mut cache = model.new_cache(loops)?;
     let mut logits = model
         .prefill(&mut cache, &ids[..1], Logits::Last)?
@@ -125,8 +125,9 @@ pub fn score_incremental(
         nll_prefill -= want[target];
         let mut kl = 0f64;
         for (&w, &g) in want.iter().zip(&got) {
-            kl += w.exp() * (w - g);
-            if w.exp().max(g.exp()) >= LOGPROB_ERROR_FLOOR {
+            let p = w.exp();
+            kl += p * (w - g);
+            if p.max(g.exp()) >= LOGPROB_ERROR_FLOOR {
                 max_err = max_err.max((w - g).abs());
             }
         }

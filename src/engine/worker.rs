@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use candle_core::DType;
 
-use crate::model::{ChatMessage, DeviceSpec, LoadedModel, Placement, PltCache, Result, Sampler};
+use crate::model::{
+    ChatMessage, DeviceSpec, LoadedModel, ModelError, Placement, PltCache, Result, Sampler,
+};
 
 use super::conversation::conversation_prompt;
 use super::generate::{generate, GenerateRequest, GenerationObserver, StepControl};
@@ -233,8 +235,11 @@ fn answer(
     inbox: &Receiver<Request>,
     sink: &dyn Fn(Event),
 ) -> Result<Vec<Request>> {
-    let prompt = conversation_prompt(loaded, messages, max_tokens, context)?;
-    let tokenizer = prompt.tokenizer;
+    let tokenizer = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or(ModelError::Encode("the model has no tokenizer".into()))?;
+    let prompt = conversation_prompt(loaded, tokenizer, messages, max_tokens, context)?;
     let dropped_messages = prompt.dropped_messages;
     let request = GenerateRequest {
         prompt: &prompt.ids,

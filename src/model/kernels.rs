@@ -197,14 +197,14 @@ impl Q8Rows {
             }
             let mean_sq = blocks.iter().map(|(dd, ..)| dd * dd).sum::<f32>() / kb as f32;
             for (b, &(mut dd, mut sum, above)) in blocks.iter().enumerate() {
-                let amax = dd * 127.0;
-                if (1..=MAX_OUTLIERS).contains(&above) && dd * dd >= OUTLIER_SHARE * mean_sq {
-                    // A few values above amax / OUTLIER_RATIO: the block again without them.
+                let few = (1..=MAX_OUTLIERS).contains(&above.count_ones());
+                if few && dd * dd >= OUTLIER_SHARE * mean_sq {
+                    // The block again without its outliers.
                     let xs = &x[r * k + b * QK..r * k + (b + 1) * QK];
                     let mut rest = [0f32; QK];
                     rest.copy_from_slice(xs);
                     for (i, v) in rest.iter_mut().enumerate() {
-                        if v.abs() > amax / OUTLIER_RATIO {
+                        if above & (1 << i) != 0 {
                             outliers.push((r, b * QK + i, *v));
                             *v = 0.0;
                         }
@@ -231,17 +231,12 @@ impl Q8Rows {
     }
 }
 
-/// The largest |x|.
-fn amax_of(xs: &[f32]) -> f32 {
-    xs.iter().fold(0f32, |a, &v| a.max(v.abs()))
-}
-
 /// One block of 32 activations quantized as ggml's `quantize_row_q8_1`: returns the scale
-/// `amax / 127`, the sum of the quantized values, and how many values exceed
-/// `amax / OUTLIER_RATIO` (up to [`MAX_OUTLIERS`]: those are outliers; 0 for a block of
-/// zeros).
+/// `amax / 127`, the sum of the quantized values, and the mask (bit i: value i) of the
+/// values above `amax / OUTLIER_RATIO`, the outliers when there are at most
+/// [`MAX_OUTLIERS`] (none for a block of zeros).
 fn quantize_block(xs: &[f32], out: &mut [i8]) -> (f32, i32, u32) {
-    let amax = amax_of(xs);
+    let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let dd = amax / 127.0;
     let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
     let mut sum = 0i32;
@@ -249,8 +244,12 @@ fn quantize_block(xs: &[f32], out: &mut [i8]) -> (f32, i32, u32) {
         *q = (v * id).round() as i8;
         sum += *q as i32;
     }
-    let above = xs.iter().filter(|v| v.abs() > amax / OUTLIER_RATIO).count();
-    (dd, sum, above as u32)
+    let above = xs
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.abs() > amax / OUTLIER_RATIO)
+        .fold(0u32, |mask, (i, _)| mask | 1 << i);
+    (dd, sum, above)
 }
 
 impl QuantMatrix {
@@ -441,27 +440,9 @@ impl QuantMatrix {
         }
     }
 
-    /// Outputs for tiles `t0 ..` (as many as `out` holds), written `[tile][row][column]`.
+    /// Outputs for tiles `t0 ..` (as many as `out` holds), written `[tile][row][column]`:
+    /// the int8 blocks by the kernel of `isa`, then the outliers in f32.
     fn tiles(&self, q8: &Q8Rows, t0: usize, out: &mut [f32], isa: Isa) {
-        self.tiles_int8(q8, t0, out, isa);
-        if q8.outliers.is_empty() {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if isa != Isa::Scalar {
-            let kb = self.k / QK;
-            let tile_bytes = TILE * kb * self.format.block_bytes();
-            let count = out.len() / (TILE * q8.rows);
-            let w = &self.data[t0 * tile_bytes..(t0 + count) * tile_bytes];
-            // SAFETY: as in `tiles_int8`: every width above Scalar has AVX2, FMA and F16C.
-            unsafe { avx2::add_outliers(self.format, w, kb, q8, out) };
-            return;
-        }
-        self.add_outliers(q8, t0, out);
-    }
-
-    /// [`Self::tiles`] of the int8 blocks alone, by the kernel of `isa`.
-    fn tiles_int8(&self, q8: &Q8Rows, t0: usize, out: &mut [f32], isa: Isa) {
         let kb = self.k / QK;
         let tile_bytes = TILE * kb * self.format.block_bytes();
         let count = out.len() / (TILE * q8.rows);
@@ -469,11 +450,18 @@ impl QuantMatrix {
         #[cfg(target_arch = "x86_64")]
         if isa != Isa::Scalar {
             // SAFETY: `isa` is `Isa::widest()` or below it (`from_qtensors` and the tests
-            // pass only those), so this CPU has its features.
-            unsafe { avx2::tiles(isa, self.format, w, kb, q8, out) };
+            // pass only those), so this CPU has its features; every width above Scalar has
+            // AVX2, FMA and F16C.
+            unsafe {
+                avx2::tiles(isa, self.format, w, kb, q8, out);
+                if !q8.outliers.is_empty() {
+                    avx2::add_outliers(self.format, w, kb, q8, out);
+                }
+            }
             return;
         }
         tiles_scalar(self.format, w, kb, q8, out);
+        self.add_outliers(q8, t0, out);
     }
 }
 
@@ -618,11 +606,22 @@ impl CpuKernels {
         Self::Plait(Isa::widest())
     }
 
+    /// Every path: candle's, then plait's at each width, narrowest first.
+    fn all() -> impl Iterator<Item = Self> {
+        std::iter::once(Self::Candle).chain(Isa::ALL.map(Self::Plait))
+    }
+
+    /// Whether this CPU runs the path.
+    fn is_supported(self) -> bool {
+        match self {
+            Self::Candle => true,
+            Self::Plait(isa) => isa <= Isa::widest(),
+        }
+    }
+
     /// Every path this CPU runs: candle's, then plait's at each width, narrowest first.
     pub fn supported() -> Vec<Self> {
-        std::iter::once(Self::Candle)
-            .chain(Isa::supported().map(Self::Plait))
-            .collect()
+        Self::all().filter(|k| k.is_supported()).collect()
     }
 
     /// The path's name, as `PLAIT_CPU_KERNELS` takes it.
@@ -643,9 +642,7 @@ impl CpuKernels {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let all: Vec<Self> = std::iter::once(Self::Candle)
-            .chain(Isa::ALL.map(Self::Plait))
-            .collect();
+        let all: Vec<Self> = Self::all().collect();
         let Some(&path) = all.iter().find(|p| p.name() == name) else {
             return Err(ModelError::CpuKernels {
                 value: name.to_string(),
@@ -653,7 +650,7 @@ impl CpuKernels {
             });
         };
         match path {
-            Self::Plait(isa) if isa > Isa::widest() => Err(ModelError::CpuKernels {
+            Self::Plait(isa) if !path.is_supported() => Err(ModelError::CpuKernels {
                 value: name.to_string(),
                 reason: format!(
                     "this CPU lacks the features it needs ({}); it runs: {}",
@@ -1232,12 +1229,10 @@ mod avx2 {
             let amax = _mm_cvtss_f32(m);
             let dd = amax / 127.0;
             let limit = _mm256_set1_ps(amax / OUTLIER_RATIO);
-            let above: u32 = abs
-                .iter()
-                .map(|&a| {
-                    (_mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_GT_OQ)) as u32).count_ones()
-                })
-                .sum();
+            let above = abs.iter().enumerate().fold(0u32, |mask, (i, &a)| {
+                let bits = _mm256_movemask_ps(_mm256_cmp_ps(a, limit, _CMP_GT_OQ)) as u32;
+                mask | bits << (8 * i)
+            });
             let id = _mm256_set1_ps(if dd != 0.0 { 1.0 / dd } else { 0.0 });
             // f32::round (half away from zero): truncate x + copysign(0.5 - 2^-25, x); the
             // sum is exact or rounds up to the next integer exactly at the halves.
