@@ -575,8 +575,14 @@ fn ask(args: AskArgs) -> Result<()> {
     messages.push(ChatMessage::new("user", args.question.as_str()));
     // The engine's conversation policy, as the TUI's: the template, and the answer's room.
     let context = loaded.model.config().max_position_embeddings;
-    let fitted =
-        engine::conversation_prompt(&loaded, tok, &messages, args.sampling.max_tokens, context)?;
+    let fitted = engine::conversation_prompt(
+        &loaded,
+        tok,
+        &messages,
+        Some(args.sampling.max_tokens),
+        context,
+        true,
+    )?;
     let (prompt, max_tokens) = (fitted.ids, fitted.max_tokens);
     let sampling = SamplingArgs {
         max_tokens,
@@ -936,6 +942,7 @@ fn tui(args: TuiArgs) -> Result<()> {
             context_size: config.context_size,
             device: args.device.device.or(config.device).unwrap_or_default(),
             dtype: args.device.dtype,
+            cache_budget: config.cache_budget_mib.map(|mib| mib << 20),
         },
         settings: Settings {
             sampling: config.sampling.clone(),

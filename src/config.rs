@@ -180,8 +180,44 @@ pub struct AppConfig {
     pub theme: String,
     /// Most tokens to generate for one reply.
     pub max_tokens: usize,
+    /// Bytes of KV cache (MiB) the engine keeps across conversations; `None`: sized to the
+    /// machine's memory.
+    pub cache_budget_mib: Option<usize>,
     /// How tokens are chosen.
     pub sampling: SamplingConfig,
+    /// `plait serve`'s settings.
+    pub serve: ServeConfig,
+}
+
+/// The `[serve]` section: the HTTP server's settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub host: String,
+    /// Port to listen on.
+    pub port: u16,
+    /// Key every route but /health needs as `Authorization: Bearer KEY`; `None`: no key.
+    pub api_key: Option<String>,
+    /// Requests that may wait behind the running one; more get 503.
+    pub queue_length: usize,
+    /// Largest request body in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Origins browsers may call from (CORS); empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 8080,
+            api_key: None,
+            queue_length: 16,
+            max_body_bytes: 8 << 20,
+            cors_origins: Vec::new(),
+        }
+    }
 }
 
 impl Default for AppConfig {
@@ -195,7 +231,9 @@ impl Default for AppConfig {
             device: None,
             theme: "dark".to_owned(),
             max_tokens: 1024,
+            cache_budget_mib: None,
             sampling: SamplingConfig::default(),
+            serve: ServeConfig::default(),
         }
     }
 }
@@ -301,6 +339,19 @@ impl AppConfig {
         }
         if self.max_tokens == 0 {
             return Err(fail("max_tokens", self.max_tokens, "at least 1"));
+        }
+        if let Some(mib) = self.cache_budget_mib.filter(|&n| n == 0) {
+            return Err(fail("cache_budget_mib", mib, "at least 1"));
+        }
+        if self.serve.max_body_bytes < 1024 {
+            return Err(fail(
+                "serve.max_body_bytes",
+                self.serve.max_body_bytes,
+                "at least 1024",
+            ));
+        }
+        if self.serve.api_key.as_deref() == Some("") {
+            return Err(fail("serve.api_key", "\"\"", "a non-empty key"));
         }
         let s = &self.sampling;
         // Written so NaN fails every check (TOML allows `nan`).
@@ -967,7 +1018,15 @@ mod tests {
                 "config.example.toml lacks `sampling.{field}`"
             );
         }
-        assert_eq!(field_names::<AppConfig>().len(), 9);
+        let serve = table["serve"].as_table().unwrap();
+        for field in field_names::<ServeConfig>() {
+            assert!(
+                serve.contains_key(&field),
+                "config.example.toml lacks `serve.{field}`"
+            );
+        }
+        assert_eq!(field_names::<AppConfig>().len(), 11);
+        assert_eq!(field_names::<ServeConfig>().len(), 6);
         assert_eq!(field_names::<SamplingConfig>().len(), 6);
     }
 }

@@ -2,12 +2,16 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
-use plait::engine::{Engine, EngineOptions, Event, Request, StopReason, TurnStats};
-use plait::model::{ChatMessage, DeviceSpec, SamplingParams};
+use plait::engine::{
+    Engine, EngineOptions, Event, FailureKind, GenerateJob, Prompt, Request, RequestId, StopReason,
+    TurnStats,
+};
+use plait::model::{ChatMessage, DeviceSpec, LoadedModel, SamplingParams};
 
 fn start(loops: Option<usize>) -> (Engine, mpsc::Receiver<Event>) {
     start_with_context(loops, None)
@@ -17,6 +21,14 @@ fn start_with_context(
     loops: Option<usize>,
     context_size: Option<usize>,
 ) -> (Engine, mpsc::Receiver<Event>) {
+    start_with(loops, context_size, None)
+}
+
+fn start_with(
+    loops: Option<usize>,
+    context_size: Option<usize>,
+    cache_budget: Option<usize>,
+) -> (Engine, mpsc::Receiver<Event>) {
     let (tx, rx) = mpsc::channel();
     let engine = Engine::spawn(
         EngineOptions {
@@ -25,6 +37,7 @@ fn start_with_context(
             context_size,
             device: DeviceSpec::Cpu,
             dtype: None,
+            cache_budget,
         },
         move |event| {
             let _ = tx.send(event);
@@ -39,24 +52,42 @@ fn next(rx: &mpsc::Receiver<Event>) -> Event {
         .expect("the engine went quiet")
 }
 
-/// Events until the turn's Done, with the Done.
+/// Events until a turn's Done, with the Done.
 fn until_done(rx: &mpsc::Receiver<Event>) -> (Vec<Event>, TurnStats) {
+    let (seen, _, stats) = until_done_with_id(rx);
+    (seen, stats)
+}
+
+/// Events until a turn's Done, with its request id and figures.
+fn until_done_with_id(rx: &mpsc::Receiver<Event>) -> (Vec<Event>, RequestId, TurnStats) {
     let mut seen = Vec::new();
     loop {
         match next(rx) {
-            Event::Done(stats) => return (seen, stats),
-            Event::Error(e) => panic!("engine error: {e}"),
+            Event::Done { id, stats } => return (seen, id, stats),
+            Event::Error(e) | Event::Failed { message: e, .. } => panic!("engine error: {e}"),
             other => seen.push(other),
         }
     }
 }
 
-fn ask(messages: &[ChatMessage], max_tokens: usize) -> Request {
-    Request::Generate {
-        messages: messages.to_vec(),
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+fn job(messages: &[ChatMessage], max_tokens: usize) -> GenerateJob {
+    GenerateJob {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        prompt: Prompt::Chat {
+            messages: messages.to_vec(),
+            drop_oldest: true,
+        },
         sampling: SamplingParams::default(),
-        max_tokens,
+        max_tokens: Some(max_tokens),
+        loops: None,
+        cache_key: None,
     }
+}
+
+fn ask(messages: &[ChatMessage], max_tokens: usize) -> Request {
+    Request::Generate(job(messages, max_tokens))
 }
 
 #[test]
@@ -79,7 +110,7 @@ fn the_worker_loads_streams_and_keeps_the_cache_across_turns() {
     let (events, first) = until_done(&rx);
     assert!(events
         .iter()
-        .any(|e| matches!(e, Event::PrefillProgress { done, total } if done == total)));
+        .any(|e| matches!(e, Event::PrefillProgress { done, total, .. } if done == total)));
     let text: String = events
         .iter()
         .filter_map(|e| match e {
@@ -106,10 +137,9 @@ fn the_worker_loads_streams_and_keeps_the_cache_across_turns() {
 fn loops_change_mid_answer_and_cancel_keeps_the_partial_answer() {
     let (engine, rx) = start(Some(2));
     while !matches!(next(&rx), Event::Loaded(_)) {}
-    engine.send(ask(
-        &[ChatMessage::new("user", "Count to one hundred.")],
-        400,
-    ));
+    let count = job(&[ChatMessage::new("user", "Count to one hundred.")], 400);
+    let running = count.id;
+    engine.send(Request::Generate(count));
     // Wait for the answer to start, then change loops and cancel while it streams.
     while !matches!(next(&rx), Event::Token { .. }) {}
     engine.send(Request::SetLoops(3));
@@ -120,11 +150,11 @@ fn loops_change_mid_answer_and_cancel_keeps_the_partial_answer() {
             Event::LoopsChanged(3) => {
                 changed = true;
                 if !cancelled_sent {
-                    engine.send(Request::Cancel);
+                    engine.send(Request::Cancel(running));
                     cancelled_sent = true;
                 }
             }
-            Event::Done(stats) => break stats,
+            Event::Done { stats, .. } => break stats,
             Event::Error(e) => panic!("{e}"),
             _ => {}
         }
@@ -152,6 +182,7 @@ fn a_missing_model_is_reported_not_a_crash() {
             context_size: None,
             device: DeviceSpec::Cpu,
             dtype: None,
+            cache_budget: None,
         },
         move |event| {
             let _ = tx.send(event);
@@ -204,11 +235,15 @@ fn a_conversation_that_outgrows_the_context_drops_its_oldest_messages() {
     engine.send(ask(&[ChatMessage::new("user", long.repeat(10))], 8));
     loop {
         match next(&rx) {
-            Event::Error(e) => {
-                assert!(e.contains("exceeds the model's context of 96"), "{e}");
+            Event::Failed { kind, message, .. } => {
+                assert_eq!(kind, FailureKind::ContextLength);
+                assert!(
+                    message.contains("exceeds the model's context of 96"),
+                    "{message}"
+                );
                 break;
             }
-            Event::Done(stats) => panic!("answered: {stats:?}"),
+            Event::Done { stats, .. } => panic!("answered: {stats:?}"),
             _ => {}
         }
     }
@@ -224,14 +259,146 @@ fn requests_sent_during_an_answer_are_all_served_in_order() {
         let question = format!("question {i}");
         engine.send(ask(&[ChatMessage::new("user", question.as_str())], n));
     }
-    for &n in &lengths {
-        let (_, stats) = until_done(&rx);
+    let first = NEXT_ID.load(Ordering::Relaxed) - lengths.len() as u64;
+    for (i, &n) in lengths.iter().enumerate() {
+        let (events, id, stats) = until_done_with_id(&rx);
+        assert_eq!(id, first + i as u64, "answers in the order asked");
+        assert!(
+            events.iter().all(|e| match e {
+                Event::Started { id: e, .. }
+                | Event::PrefillProgress { id: e, .. }
+                | Event::Token { id: e, .. } => *e == id,
+                _ => true,
+            }),
+            "every event names its request"
+        );
         assert_eq!(
             (stats.stop_reason, stats.tokens),
-            (StopReason::MaxTokens, n),
-            "answers in the order asked"
+            (StopReason::MaxTokens, n)
         );
     }
+}
+
+#[test]
+fn a_queued_request_cancelled_is_never_run() {
+    let (engine, rx) = start(None);
+    let jobs: Vec<GenerateJob> = (0..3)
+        .map(|i| job(&[ChatMessage::new("user", format!("question {i}"))], 6))
+        .collect();
+    let ids: Vec<RequestId> = jobs.iter().map(|j| j.id).collect();
+    for j in jobs {
+        engine.send(Request::Generate(j));
+    }
+    engine.send(Request::Cancel(ids[1]));
+    let (_, a, _) = until_done_with_id(&rx);
+    let (_, b, _) = until_done_with_id(&rx);
+    assert_eq!((a, b), (ids[0], ids[2]));
+}
+
+/// Two conversations with the same system prompt, each a question and a follow-up.
+fn two_conversations() -> [Vec<ChatMessage>; 2] {
+    [
+        "Write a function that adds two numbers.",
+        "Explain what a closure is.",
+    ]
+    .map(|q| {
+        vec![
+            ChatMessage::new("system", "You are terse."),
+            ChatMessage::new("user", q),
+        ]
+    })
+}
+
+#[test]
+fn interleaved_conversations_each_keep_their_cache() {
+    let (engine, rx) = start(None);
+    let mut conversations = two_conversations();
+    let mut first_prompts = Vec::new();
+    for messages in &mut conversations {
+        engine.send(ask(messages, 6));
+        let (events, stats) = until_done(&rx);
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Token { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        messages.push(ChatMessage::new("assistant", text));
+        messages.push(ChatMessage::new("user", "And in Rust?"));
+        first_prompts.push(stats.prompt_tokens);
+    }
+    // The second conversation's first turn shared only the system prompt with the first's
+    // cache; the first's cache was copied, not taken: both second turns reuse their own.
+    for (messages, first_prompt) in conversations.iter().zip(&first_prompts) {
+        engine.send(ask(messages, 4));
+        let (_, stats) = until_done(&rx);
+        assert!(
+            stats.reused_tokens > *first_prompt,
+            "reused {} of a conversation whose first prompt was {first_prompt}",
+            stats.reused_tokens
+        );
+    }
+}
+
+#[test]
+fn a_cache_budget_of_one_cache_keeps_only_the_last_conversation() {
+    let (engine, rx) = start_with(None, None, Some(1));
+    let conversations = two_conversations();
+    let mut first_prompt = 0;
+    for messages in &conversations {
+        engine.send(ask(messages, 4));
+        first_prompt = first_prompt.max(until_done(&rx).1.prompt_tokens);
+    }
+    let mut again = conversations[0].clone();
+    again.push(ChatMessage::new("assistant", "x"));
+    again.push(ChatMessage::new("user", "more"));
+    engine.send(ask(&again, 2));
+    let (_, stats) = until_done(&rx);
+    assert!(
+        stats.reused_tokens < first_prompt,
+        "the first conversation's cache was dropped: {stats:?}"
+    );
+    assert!(
+        stats.reused_tokens > 0,
+        "the shared system prompt is reused"
+    );
+}
+
+#[test]
+fn a_forked_cache_continues_exactly_as_a_fresh_one() {
+    let loaded = LoadedModel::load(&fixture("plt-tiny-2loop"), &candle_core::Device::Cpu).unwrap();
+    let model = &loaded.model;
+    let prompt: Vec<u32> = (1..60).map(|i| (i * 7) % 200 + 3).collect();
+    let mut original = model.new_cache(2).unwrap();
+    model
+        .prefill_reusing(&mut original, &prompt, &mut |_, _| {})
+        .unwrap();
+    let mut other = prompt[..40].to_vec();
+    other.extend([9, 8, 7, 6, 5]);
+    let mut fork = model.fork_cache(&original, 40).unwrap();
+    assert_eq!(fork.tokens(), &prompt[..40]);
+    let (forked, reused) = model
+        .prefill_reusing(&mut fork, &other, &mut |_, _| {})
+        .unwrap();
+    assert_eq!(reused, 40);
+    let mut fresh = model.new_cache(2).unwrap();
+    let (expected, _) = model
+        .prefill_reusing(&mut fresh, &other, &mut |_, _| {})
+        .unwrap();
+    let diff = (forked - expected).unwrap().abs().unwrap().max(0).unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    // The original is untouched.
+    assert_eq!(original.tokens(), prompt.as_slice());
+    let next = model.decode(&mut original, 11).unwrap();
+    let mut check = model.new_cache(2).unwrap();
+    let mut longer = prompt.clone();
+    longer.push(11);
+    let (want, _) = model
+        .prefill_reusing(&mut check, &longer, &mut |_, _| {})
+        .unwrap();
+    let diff = (next - want).unwrap().abs().unwrap().max(0).unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
 }
 
 #[test]

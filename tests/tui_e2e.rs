@@ -360,31 +360,39 @@ impl Scripted {
             }));
             while let Ok(request) = inbox.recv() {
                 match request {
-                    Request::Generate { .. } => {
+                    Request::Generate(job) => {
                         let words: Vec<&str> = reply.split_inclusive(' ').collect();
                         for word in &words {
                             sink(Event::Token {
+                                id: job.id,
                                 text: word.to_string(),
                                 latency: Duration::from_millis(2),
                             });
                         }
-                        sink(Event::Done(TurnStats {
-                            stop_reason: StopReason::Eos,
-                            tokens: words.len(),
-                            time_to_first_token: Duration::from_millis(2),
-                            decode_tok_s: 500.0,
-                            reused_tokens: 0,
-                            context_used: words.len(),
-                            kv_bytes: 0,
-                            dropped_messages: 0,
-                        }));
+                        sink(Event::Done {
+                            id: job.id,
+                            stats: TurnStats {
+                                stop_reason: StopReason::Eos,
+                                tokens: words.len(),
+                                prompt_tokens: 30,
+                                prefill_time: Duration::from_millis(30),
+                                time_to_first_token: Duration::from_millis(2),
+                                decode_tok_s: 500.0,
+                                decode_time: Duration::from_millis(40),
+                                loops: 2,
+                                reused_tokens: 0,
+                                context_used: words.len(),
+                                kv_bytes: 0,
+                                dropped_messages: 0,
+                            },
+                        });
                     }
                     Request::SetLoops(n) => {
                         loops = n;
                         sink(Event::LoopsChanged(loops));
                     }
                     Request::Reset => sink(Event::ResetDone),
-                    Request::Cancel => {}
+                    Request::Cancel(_) => {}
                     Request::Shutdown => return,
                 }
             }
@@ -406,6 +414,7 @@ fn scripted_tui_child() {
             context_size: None,
             device: Default::default(),
             dtype: None,
+            cache_budget: None,
         },
         settings: plait::tui::app::Settings {
             sampling: Default::default(),

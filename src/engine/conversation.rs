@@ -15,18 +15,21 @@ pub struct ConversationPrompt {
 }
 
 /// The prompt for `messages`, rendered with `loaded`'s chat template and encoded by
-/// `tokenizer` (the model's), within `context` positions with room left for an answer: the
-/// oldest messages after the system prompt are left out (a question with its answer) until
-/// it fits; a system prompt and last message that alone do not fit are an error.
+/// `tokenizer` (the model's), within `context` positions with room left for an answer
+/// (`max_tokens`, or when `None` all the room left). With `drop_oldest`, the oldest messages
+/// after the system prompt are left out (a question with its answer) until it fits; a
+/// prompt that does not fit otherwise is an error.
 pub fn conversation_prompt(
     loaded: &LoadedModel,
     tokenizer: &TextTokenizer,
     messages: &[ChatMessage],
-    max_tokens: usize,
+    max_tokens: Option<usize>,
     context: usize,
+    drop_oldest: bool,
 ) -> Result<ConversationPrompt> {
     // Room for at least a short answer, even when max_tokens asks for more than fits.
-    let answer_room = max_tokens.clamp(1, (context / 4).max(1));
+    let answer_room = max_tokens.map_or(1, |n| n.clamp(1, (context / 4).max(1)));
+    let max_tokens = max_tokens.unwrap_or(usize::MAX);
     let system = usize::from(messages.first().is_some_and(|m| m.role == "system"));
     let mut dropped = 0;
     loop {
@@ -43,7 +46,7 @@ pub fn conversation_prompt(
                 dropped_messages: dropped,
             });
         }
-        if system + dropped + 1 >= messages.len() {
+        if !drop_oldest || system + dropped + 1 >= messages.len() {
             // Only the system prompt and the last message are left, and they do not fit.
             return Err(ModelError::ContextOverflow {
                 len: ids.len() + answer_room,
@@ -56,4 +59,27 @@ pub fn conversation_prompt(
             dropped += 1;
         }
     }
+}
+
+/// A raw prompt's room for an answer: `max_tokens` (or all the room left) within `context`;
+/// a prompt that leaves no room is an error.
+pub fn raw_prompt(
+    ids: Vec<u32>,
+    max_tokens: Option<usize>,
+    context: usize,
+) -> Result<ConversationPrompt> {
+    if ids.is_empty() {
+        return Err(ModelError::EmptyInput);
+    }
+    if ids.len() >= context {
+        return Err(ModelError::ContextOverflow {
+            len: ids.len() + 1,
+            max: context,
+        });
+    }
+    Ok(ConversationPrompt {
+        max_tokens: max_tokens.unwrap_or(usize::MAX).min(context - ids.len()),
+        ids,
+        dropped_messages: 0,
+    })
 }

@@ -1,7 +1,8 @@
-//! The engine: a worker thread that owns the model and cache, the request/event protocol,
+//! The engine: a worker thread that owns the model and the conversations' kept caches, the request/event protocol,
 //! generation, scoring and benchmarks.
 
 mod bench;
+mod caches;
 mod conversation;
 mod generate;
 mod metrics;
@@ -15,12 +16,16 @@ pub use bench::{
     bench_followup, bench_ids, bench_loop_counts, copy_bandwidth, synthetic_model, FollowupBench,
     LoopBench,
 };
-pub use conversation::{conversation_prompt, ConversationPrompt};
+pub use caches::default_cache_budget;
+pub use conversation::{conversation_prompt, raw_prompt, ConversationPrompt};
 pub use generate::{
     generate, GenerateRequest, Generation, GenerationObserver, StepControl, StopReason,
 };
 pub use metrics::GenerationMetrics;
-pub use protocol::{Backend, Event, EventSink, ModelInfo, Request, TurnStats};
+pub use protocol::{
+    Backend, Event, EventSink, FailureKind, GenerateJob, ModelInfo, Prompt, Request, RequestId,
+    TurnStats,
+};
 pub use score::{
     score, score_incremental, Comparison, IncrementalScore, Score, LOGPROB_ERROR_FLOOR,
 };

@@ -1,4 +1,4 @@
-//! The typed messages between the UI and the engine's worker thread.
+//! The typed messages between a front end (the TUI, a server) and the engine's worker.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,23 +7,55 @@ use crate::model::{ChatMessage, SamplingParams};
 
 use super::generate::StopReason;
 
-/// What the UI asks of the engine.
+/// Names one generation request; every event about it carries it back.
+pub type RequestId = u64;
+
+/// What to answer: a conversation rendered with the model's chat template, or raw input.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Messages rendered with the chat template, with the assistant's turn opened.
+    Chat {
+        /// The conversation, system prompt first when there is one.
+        messages: Vec<ChatMessage>,
+        /// Whether the oldest messages (after the system prompt) may be left out so that it
+        /// fits the context; otherwise a prompt that does not fit fails.
+        drop_oldest: bool,
+    },
+    /// Text continued as it is (encoded with the tokenizer's special prefix, as `generate`).
+    Text(String),
+    /// Token ids continued as they are.
+    Ids(Vec<u32>),
+}
+
+/// One generation to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateJob {
+    /// Comes back on every event about this job.
+    pub id: RequestId,
+    /// What to continue.
+    pub prompt: Prompt,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Most tokens in the answer; `None`: the room left in the context.
+    pub max_tokens: Option<usize>,
+    /// Loop count for this answer; `None`: the engine's current count.
+    pub loops: Option<usize>,
+    /// Which kept cache to prefer and to replace (a conversation's name); the cache is
+    /// always chosen by the longest token prefix, this only breaks ties and says where to
+    /// keep the result.
+    pub cache_key: Option<String>,
+}
+
+/// What a front end asks of the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    /// Answer the conversation's last message.
-    Generate {
-        /// Conversation so far, system prompt first when there is one.
-        messages: Vec<ChatMessage>,
-        /// How to pick tokens.
-        sampling: SamplingParams,
-        /// Most tokens in the answer.
-        max_tokens: usize,
-    },
-    /// Stop the answer in progress.
-    Cancel,
-    /// Run with this many loops from the next decode step.
+    /// Run a generation; requests queue in order behind the one running.
+    Generate(GenerateJob),
+    /// Stop this request: at its next step when running, at once when queued.
+    Cancel(RequestId),
+    /// Run with this many loops from the next decode step, and for later requests.
     SetLoops(usize),
-    /// Forget the conversation and its cache.
+    /// Stop the answer in progress and forget every kept cache.
     Reset,
     /// End the worker.
     Shutdown,
@@ -60,7 +92,18 @@ pub struct ModelInfo {
     pub context_size: usize,
 }
 
-/// What the engine tells the UI.
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The prompt (with room for an answer) does not fit the context.
+    ContextLength,
+    /// The request cannot be served as asked (no tokenizer, a bad id, a bad loop count).
+    InvalidRequest,
+    /// The model failed while running.
+    Internal,
+}
+
+/// What the engine tells the front end.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Loading advanced to this fraction (0..=1).
@@ -69,8 +112,19 @@ pub enum Event {
     Loaded(ModelInfo),
     /// The model could not be loaded; the engine answers nothing else.
     LoadFailed(String),
+    /// A request's prompt was encoded and its computation starts.
+    Started {
+        /// The request.
+        id: RequestId,
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Of those, the ones a kept cache already holds.
+        cached_tokens: usize,
+    },
     /// `done` of `total` prompt positions computed.
     PrefillProgress {
+        /// The request.
+        id: RequestId,
         /// Positions computed.
         done: usize,
         /// Positions to compute.
@@ -78,6 +132,8 @@ pub enum Event {
     },
     /// Text of the answer that became final, and how long its token took.
     Token {
+        /// The request.
+        id: RequestId,
         /// The text (may be empty while a character is incomplete).
         text: String,
         /// Time since the previous token (or since the request, for the first).
@@ -86,10 +142,24 @@ pub enum Event {
     /// The loop count changed.
     LoopsChanged(usize),
     /// The answer ended.
-    Done(TurnStats),
-    /// The conversation and cache were reset.
+    Done {
+        /// The request.
+        id: RequestId,
+        /// Its figures.
+        stats: TurnStats,
+    },
+    /// The kept caches were dropped.
     ResetDone,
-    /// A request failed.
+    /// A request failed; nothing more comes for it.
+    Failed {
+        /// The request.
+        id: RequestId,
+        /// What kind of failure.
+        kind: FailureKind,
+        /// What went wrong, for a person.
+        message: String,
+    },
+    /// Something not tied to a request failed (a loop change).
     Error(String),
 }
 
@@ -100,15 +170,23 @@ pub struct TurnStats {
     pub stop_reason: StopReason,
     /// Tokens generated.
     pub tokens: usize,
+    /// Prompt tokens (served from the cache or computed).
+    pub prompt_tokens: usize,
+    /// Time spent computing the prompt positions not in the cache.
+    pub prefill_time: Duration,
     /// Time to the first token.
     pub time_to_first_token: Duration,
+    /// Time spent in decode steps after the first token.
+    pub decode_time: Duration,
     /// Decode tokens per second.
     pub decode_tok_s: f64,
     /// Prompt positions served from the kept cache.
     pub reused_tokens: usize,
+    /// Loop count the answer ended with.
+    pub loops: usize,
     /// Positions in the cache now.
     pub context_used: usize,
-    /// Bytes the cache holds.
+    /// Bytes the kept caches hold, all together.
     pub kv_bytes: usize,
     /// Oldest messages left out so that the conversation fits the context.
     pub dropped_messages: usize,

@@ -1,20 +1,21 @@
-//! The worker thread that owns the model and its cache and serves requests.
+//! The worker thread that owns the model and the kept caches and serves requests in order.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::DType;
 
-use crate::model::{
-    ChatMessage, DeviceSpec, LoadedModel, ModelError, Placement, PltCache, Result, Sampler,
-};
+use crate::model::{DeviceSpec, LoadedModel, ModelError, Placement, Sampler, TextStream};
 
-use super::conversation::conversation_prompt;
+use super::caches::{default_cache_budget, CachePool};
+use super::conversation::{conversation_prompt, raw_prompt, ConversationPrompt};
 use super::generate::{generate, GenerateRequest, GenerationObserver, StepControl};
-use super::protocol::{Backend, Event, ModelInfo, Request, TurnStats};
+use super::protocol::{
+    Backend, Event, FailureKind, GenerateJob, ModelInfo, Prompt, Request, RequestId, TurnStats,
+};
 
 /// How the worker starts.
 #[derive(Debug, Clone)]
@@ -29,9 +30,12 @@ pub struct EngineOptions {
     pub device: DeviceSpec,
     /// Compute dtype of a safetensors checkpoint (default: the device's).
     pub dtype: Option<DType>,
+    /// Bytes the kept caches may hold together (default: sized to the machine's memory).
+    pub cache_budget: Option<usize>,
 }
 
-/// The UI's side of the engine: send requests; events arrive through the sink given to `spawn`.
+/// A front end's side of the engine: send requests; events arrive through the sink given
+/// to `spawn`.
 pub struct Engine {
     requests: Sender<Request>,
     thread: Option<JoinHandle<()>>,
@@ -100,6 +104,17 @@ fn context_size(loaded: &LoadedModel, options: &EngineOptions) -> usize {
     options.context_size.map_or(model, |size| size.min(model))
 }
 
+/// The loaded worker's state between requests.
+struct Worker<'a> {
+    loaded: LoadedModel,
+    context: usize,
+    /// Loop count of requests that do not name one.
+    loops: usize,
+    caches: CachePool,
+    inbox: Receiver<Request>,
+    sink: &'a dyn Fn(Event),
+}
+
 fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
     sink(Event::Loading(0.0));
     let loaded = match Placement::open(options.device, options.dtype).and_then(|placement| {
@@ -123,94 +138,253 @@ fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
         }
     };
     let loops = options.loops.unwrap_or(loaded.model.config().plt_num_loops);
-    let mut cache = match loaded.model.new_cache(loops) {
-        Ok(cache) => cache,
-        Err(e) => {
-            sink(Event::LoadFailed(e.to_string()));
-            return;
-        }
-    };
+    if let Err(e) = loaded.model.new_cache(loops) {
+        sink(Event::LoadFailed(e.to_string()));
+        return;
+    }
     sink(Event::Loaded(model_info(&loaded, &options, loops)));
-    // Requests that arrived while an answer ran, in order: every one is served.
-    let mut pending = VecDeque::new();
-    loop {
-        let request = match pending.pop_front() {
-            Some(r) => r,
-            None => match inbox.recv() {
-                Ok(r) => r,
-                Err(_) => return,
-            },
-        };
-        match request {
-            Request::Generate {
-                messages,
-                sampling,
-                max_tokens,
-            } => {
-                let mut sampler = Sampler::new(sampling);
-                match answer(
-                    &loaded,
-                    &mut cache,
-                    &messages,
-                    &mut sampler,
-                    (max_tokens, context_size(&loaded, &options)),
-                    &inbox,
-                    sink,
-                ) {
-                    Ok(arrived) => pending.extend(arrived),
-                    Err(e) => sink(Event::Error(e.to_string())),
+    let mut worker = Worker {
+        context: context_size(&loaded, &options),
+        loaded,
+        loops,
+        caches: CachePool::new(options.cache_budget.unwrap_or_else(default_cache_budget)),
+        inbox,
+        sink,
+    };
+    worker.serve();
+}
+
+impl Worker<'_> {
+    /// Serves requests in order until Shutdown or until every sender is gone.
+    fn serve(&mut self) {
+        // Requests that arrived while an answer ran, in order: every one is served.
+        let mut pending = VecDeque::new();
+        loop {
+            let request = match pending.pop_front() {
+                Some(r) => r,
+                None => match self.inbox.recv() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                },
+            };
+            match request {
+                Request::Generate(job) => {
+                    let arrived = self.answer(job);
+                    pending.extend(arrived);
                 }
+                Request::SetLoops(n) => match self.loaded.model.new_cache(n) {
+                    // Checked on a new cache; the kept ones change when next used.
+                    Ok(_) => {
+                        self.loops = n;
+                        (self.sink)(Event::LoopsChanged(n));
+                    }
+                    Err(e) => (self.sink)(Event::Error(e.to_string())),
+                },
+                Request::Reset => {
+                    self.caches.clear();
+                    (self.sink)(Event::ResetDone);
+                }
+                // Not running: drop it if it is still queued.
+                Request::Cancel(id) => pending.retain(|r| !is_job(r, id)),
+                Request::Shutdown => return,
             }
-            Request::SetLoops(n) => match loaded.model.set_loops(&mut cache, n) {
-                Ok(()) => sink(Event::LoopsChanged(n)),
-                Err(e) => sink(Event::Error(e.to_string())),
-            },
-            Request::Reset => match loaded.model.new_cache(cache.loops()) {
-                Ok(fresh) => {
-                    cache = fresh;
-                    sink(Event::ResetDone);
-                }
-                Err(e) => sink(Event::Error(e.to_string())),
-            },
-            Request::Cancel => {}
-            Request::Shutdown => return,
         }
     }
+
+    /// Answers one job; returns the requests that arrived meanwhile, still to be served.
+    fn answer(&mut self, job: GenerateJob) -> Vec<Request> {
+        let mut deferred = Vec::new();
+        if let Err((kind, message)) = self.run_job(&job, &mut deferred) {
+            (self.sink)(Event::Failed {
+                id: job.id,
+                kind,
+                message,
+            });
+        }
+        deferred
+    }
+
+    fn run_job(
+        &mut self,
+        job: &GenerateJob,
+        deferred: &mut Vec<Request>,
+    ) -> Result<(), (FailureKind, String)> {
+        let prompt = self.prompt(job).map_err(failure)?;
+        let loops = job.loops.unwrap_or(self.loops);
+        if loops == 0 || loops > crate::model::MAX_LOOPS {
+            return Err(failure(ModelError::LoopCount(loops)));
+        }
+        let model = &self.loaded.model;
+        let mut checkout = self
+            .caches
+            .checkout(model, &prompt.ids, job.cache_key.as_deref(), loops)
+            .map_err(failure)?;
+        let cached = checkout
+            .cache
+            .tokens()
+            .iter()
+            .zip(&prompt.ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.ids.len() - 1);
+        (self.sink)(Event::Started {
+            id: job.id,
+            prompt_tokens: prompt.ids.len(),
+            cached_tokens: cached,
+        });
+        let request = GenerateRequest {
+            prompt: &prompt.ids,
+            max_tokens: prompt.max_tokens,
+            stop_ids: &self.loaded.stop_ids,
+        };
+        let mut streamer = Streamer {
+            id: job.id,
+            stream: self.loaded.tokenizer.as_ref().map(|t| t.stream()),
+            sink: self.sink,
+            inbox: &self.inbox,
+            last: Instant::now(),
+            deferred,
+            loops: None,
+        };
+        let mut sampler = Sampler::new(job.sampling.clone());
+        let generated = generate(
+            model,
+            &mut checkout.cache,
+            &mut sampler,
+            &request,
+            &mut streamer,
+        );
+        if let Some(n) = streamer.loops {
+            self.loops = n;
+        }
+        let out = generated.map_err(failure)?;
+        if let Some(Ok(Some(rest))) = streamer.stream.as_mut().map(|s| s.finish()) {
+            (self.sink)(Event::Token {
+                id: job.id,
+                text: rest,
+                latency: Duration::ZERO,
+            });
+        }
+        let m = &out.metrics;
+        let context_used = checkout.cache.len();
+        let loops = checkout.cache.loops();
+        self.caches.keep(checkout);
+        (self.sink)(Event::Done {
+            id: job.id,
+            stats: TurnStats {
+                stop_reason: out.stop_reason,
+                tokens: out.ids.len(),
+                prompt_tokens: prompt.ids.len(),
+                prefill_time: m.prefill,
+                time_to_first_token: m.time_to_first_token,
+                decode_time: m.token_latencies.iter().sum(),
+                decode_tok_s: m.decode_tokens_per_second(),
+                reused_tokens: m.reused_tokens,
+                loops,
+                context_used,
+                kv_bytes: self.caches.bytes(),
+                dropped_messages: prompt.dropped_messages,
+            },
+        });
+        Ok(())
+    }
+
+    /// The job's prompt ids, fitted to the context.
+    fn prompt(&self, job: &GenerateJob) -> crate::model::Result<ConversationPrompt> {
+        let tokenizer = || {
+            self.loaded
+                .tokenizer
+                .as_ref()
+                .ok_or(ModelError::Encode("the model has no tokenizer".into()))
+        };
+        match &job.prompt {
+            Prompt::Chat {
+                messages,
+                drop_oldest,
+            } => conversation_prompt(
+                &self.loaded,
+                tokenizer()?,
+                messages,
+                job.max_tokens,
+                self.context,
+                *drop_oldest,
+            ),
+            Prompt::Text(text) => raw_prompt(
+                tokenizer()?.encode(text, true)?,
+                job.max_tokens,
+                self.context,
+            ),
+            Prompt::Ids(ids) => raw_prompt(ids.clone(), job.max_tokens, self.context),
+        }
+    }
+}
+
+/// Whether `request` is the generation `id`.
+fn is_job(request: &Request, id: RequestId) -> bool {
+    matches!(request, Request::Generate(job) if job.id == id)
+}
+
+/// A model error as a request failure.
+fn failure(e: ModelError) -> (FailureKind, String) {
+    let kind = match e {
+        ModelError::ContextOverflow { .. } => FailureKind::ContextLength,
+        ModelError::Encode(_)
+        | ModelError::EmptyInput
+        | ModelError::TokenOutOfRange { .. }
+        | ModelError::LoopCount(_)
+        | ModelError::NoPltGates(_)
+        | ModelError::Template { .. } => FailureKind::InvalidRequest,
+        _ => FailureKind::Internal,
+    };
+    (kind, e.to_string())
 }
 
 /// Streams detokenized text to the sink and applies requests that arrive mid-answer.
 struct Streamer<'a> {
-    stream: Option<crate::model::TextStream<'a>>,
+    id: RequestId,
+    stream: Option<TextStream<'a>>,
     inbox: &'a Receiver<Request>,
     sink: &'a dyn Fn(Event),
     last: Instant,
     /// Requests that are not for the running answer, in order, served after it.
-    deferred: Vec<Request>,
+    deferred: &'a mut Vec<Request>,
+    /// A loop change that arrived during the answer, for later requests too.
+    loops: Option<usize>,
 }
 
 impl GenerationObserver for Streamer<'_> {
     fn prefill_progress(&mut self, done: usize, total: usize) {
-        (self.sink)(Event::PrefillProgress { done, total });
+        (self.sink)(Event::PrefillProgress {
+            id: self.id,
+            done,
+            total,
+        });
     }
 
-    fn token(&mut self, id: u32) -> StepControl {
+    fn token(&mut self, token: u32) -> StepControl {
         let latency = self.last.elapsed();
         self.last = Instant::now();
-        let text = match self.stream.as_mut().map(|s| s.push(id)) {
+        let text = match self.stream.as_mut().map(|s| s.push(token)) {
             Some(Ok(chunk)) => chunk.unwrap_or_default(),
             Some(Err(e)) => {
                 (self.sink)(Event::Error(e.to_string()));
                 return StepControl::Stop;
             }
-            None => format!(" {id}"),
+            None => format!(" {token}"),
         };
-        (self.sink)(Event::Token { text, latency });
+        (self.sink)(Event::Token {
+            id: self.id,
+            text,
+            latency,
+        });
         let mut control = StepControl::Continue;
         loop {
             match self.inbox.try_recv() {
-                Ok(Request::Cancel) => return StepControl::Stop,
+                Ok(Request::Cancel(id)) if id == self.id => return StepControl::Stop,
+                Ok(Request::Cancel(id)) => self.deferred.retain(|r| !is_job(r, id)),
                 Ok(Request::SetLoops(n)) => {
                     (self.sink)(Event::LoopsChanged(n));
+                    self.loops = Some(n);
                     control = StepControl::SetLoops(n);
                 }
                 // A new conversation (or the end) stops the answer first.
@@ -223,52 +397,4 @@ impl GenerationObserver for Streamer<'_> {
             }
         }
     }
-}
-
-/// Answers one turn; returns the requests that arrived meanwhile, still to be served.
-fn answer(
-    loaded: &LoadedModel,
-    cache: &mut PltCache,
-    messages: &[ChatMessage],
-    sampler: &mut Sampler,
-    (max_tokens, context): (usize, usize),
-    inbox: &Receiver<Request>,
-    sink: &dyn Fn(Event),
-) -> Result<Vec<Request>> {
-    let tokenizer = loaded
-        .tokenizer
-        .as_ref()
-        .ok_or(ModelError::Encode("the model has no tokenizer".into()))?;
-    let prompt = conversation_prompt(loaded, tokenizer, messages, max_tokens, context)?;
-    let dropped_messages = prompt.dropped_messages;
-    let request = GenerateRequest {
-        prompt: &prompt.ids,
-        max_tokens: prompt.max_tokens,
-        stop_ids: &loaded.stop_ids,
-    };
-    let mut streamer = Streamer {
-        stream: Some(tokenizer.stream()),
-        inbox,
-        sink,
-        last: Instant::now(),
-        deferred: Vec::new(),
-    };
-    let out = generate(&loaded.model, cache, sampler, &request, &mut streamer)?;
-    if let Some(Ok(Some(rest))) = streamer.stream.as_mut().map(|s| s.finish()) {
-        sink(Event::Token {
-            text: rest,
-            latency: std::time::Duration::ZERO,
-        });
-    }
-    sink(Event::Done(TurnStats {
-        stop_reason: out.stop_reason,
-        tokens: out.ids.len(),
-        time_to_first_token: out.metrics.time_to_first_token,
-        decode_tok_s: out.metrics.decode_tokens_per_second(),
-        reused_tokens: out.metrics.reused_tokens,
-        context_used: cache.len(),
-        kv_bytes: cache.size_bytes(),
-        dropped_messages,
-    }));
-    Ok(streamer.deferred)
 }

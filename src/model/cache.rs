@@ -105,6 +105,28 @@ impl PltCache {
             .sum()
     }
 
+    /// A new cache holding a copy of loop 0's K/V for the first `len` positions; loops >= 1
+    /// start empty (valid from `len`), to be rebuilt by the model.
+    pub(crate) fn copy_prefix(&self, len: usize) -> Result<Self> {
+        let len = len.min(self.len());
+        let mut copy = Self::new(self.shape, &self.device, self.loops)?;
+        if len > 0 {
+            copy.reserve(len)?;
+            for (dst, src) in copy
+                .k0
+                .iter()
+                .zip(&self.k0)
+                .chain(copy.v0.iter().zip(&self.v0))
+            {
+                // A copy, not a shared view: the two caches are written independently.
+                dst.slice_set(&src.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+            }
+        }
+        copy.tokens = self.tokens[..len].to_vec();
+        copy.ring_valid_from = len;
+        Ok(copy)
+    }
+
     /// Makes room in loop 0's cache for `needed` positions, growing in chunks (amortized).
     pub(crate) fn reserve(&mut self, needed: usize) -> Result<()> {
         if needed <= self.capacity {

@@ -569,6 +569,17 @@ impl PltModel {
         Ok(())
     }
 
+    /// A separate cache of `cache`'s first `len` positions, as a fresh run of them would
+    /// leave it (loop 0's K/V copied, loops >= 1 rebuilt); `cache` is left as it is.
+    pub fn fork_cache(&self, cache: &PltCache, len: usize) -> Result<PltCache> {
+        let mut fork = cache.copy_prefix(len)?;
+        if fork.loops > 1 && !fork.is_empty() {
+            let loops = fork.loops;
+            self.rebuild_upper_loops(&mut fork, loops)?;
+        }
+        Ok(fork)
+    }
+
     /// Changes the loop count at a step boundary, keeping loop 0's cache.
     pub fn set_loops(&self, cache: &mut PltCache, loops: usize) -> Result<()> {
         self.check_loops(loops)?;

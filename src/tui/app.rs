@@ -7,8 +7,8 @@ use std::time::Duration;
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
 
 use crate::engine::{
-    ChatMessage, Event as EngineEvent, ModelInfo, Request, SamplingParams, StopReason, TurnStats,
-    MAX_LOOPS,
+    ChatMessage, Event as EngineEvent, GenerateJob, ModelInfo, Prompt, Request, RequestId,
+    SamplingParams, StopReason, TurnStats, MAX_LOOPS,
 };
 use crate::patch::{content_hash, infer_edits, parse_edits, Edit, FileChange};
 
@@ -245,6 +245,8 @@ pub struct App {
     pub theme: Theme,
     /// KV bytes after the last turn.
     pub kv_bytes: usize,
+    /// Id of the last request sent to the engine (what a cancel names).
+    pub request: RequestId,
     /// Edits of the last answer, under review in the diff pane.
     pub review: Option<Review>,
     /// Whether the diff pane takes most of the screen.
@@ -374,6 +376,7 @@ impl App {
             color,
             theme: Theme::Dark,
             kv_bytes: 0,
+            request: 0,
             review: None,
             diff_large: false,
             reply_hashes: HashMap::new(),
@@ -766,7 +769,7 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
     match key.code {
         KeyCode::Char('c') if ctrl => {
             if app.busy() {
-                return vec![Effect::Send(Request::Cancel)];
+                return vec![Effect::Send(Request::Cancel(app.request))];
             }
             if app.quit_armed {
                 return vec![Effect::Quit];
@@ -778,7 +781,7 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
         KeyCode::Esc => {
             app.confirm_delete = false;
             if app.busy() {
-                return vec![Effect::Send(Request::Cancel)];
+                return vec![Effect::Send(Request::Cancel(app.request))];
             }
             app.focus = Focus::Input;
             Vec::new()
@@ -980,11 +983,18 @@ fn start_answer(app: &mut App) -> Vec<Effect> {
     {
         messages.pop();
     }
-    vec![Effect::Send(Request::Generate {
-        messages,
+    app.request += 1;
+    vec![Effect::Send(Request::Generate(GenerateJob {
+        id: app.request,
+        prompt: Prompt::Chat {
+            messages,
+            drop_oldest: true,
+        },
         sampling: app.settings.sampling.clone(),
-        max_tokens: app.settings.max_tokens,
-    })]
+        max_tokens: Some(app.settings.max_tokens),
+        loops: None,
+        cache_key: None,
+    }))]
 }
 
 fn command(app: &mut App, line: &str, confirming: bool) -> Vec<Effect> {
@@ -1129,6 +1139,7 @@ fn streaming_cell(app: &mut App) -> Option<&mut Cell> {
 fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
     let r = &mut app.readout;
     match event {
+        EngineEvent::Started { .. } => {}
         EngineEvent::Loading(p) => r.state = EngineState::Loading(p),
         EngineEvent::Loaded(info) => {
             r.state = EngineState::Idle;
@@ -1142,12 +1153,12 @@ fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
             r.state = EngineState::Failed;
             app.notice(message);
         }
-        EngineEvent::PrefillProgress { done, total } => {
+        EngineEvent::PrefillProgress { done, total, .. } => {
             if matches!(r.state, EngineState::Prefill(_)) {
                 r.state = EngineState::Prefill(done as f32 / total.max(1) as f32);
             }
         }
-        EngineEvent::Token { text, latency } => {
+        EngineEvent::Token { text, latency, .. } => {
             if r.ttft.is_none() {
                 r.ttft = Some(latency);
             } else {
@@ -1172,14 +1183,14 @@ fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
             }
         }
         EngineEvent::LoopsChanged(n) => r.loops = n,
-        EngineEvent::Done(stats) => {
+        EngineEvent::Done { stats, .. } => {
             let cancelled = stats.stop_reason == StopReason::Cancelled;
             finish_turn(app, stats);
             // A cancelled answer's closed edits can be reviewed, but never go back to the model.
             return propose_edits(app, !cancelled);
         }
         EngineEvent::ResetDone => app.notice("new conversation"),
-        EngineEvent::Error(message) => {
+        EngineEvent::Error(message) | EngineEvent::Failed { message, .. } => {
             if let Some(cell) = streaming_cell(app) {
                 cell.status = CellStatus::Failed;
             }
@@ -1294,22 +1305,30 @@ pub(crate) mod tests {
 
     fn token(text: &str, ms: u64) -> AppEvent {
         AppEvent::Engine(EngineEvent::Token {
+            id: 1,
             text: text.into(),
             latency: Duration::from_millis(ms),
         })
     }
 
     fn done(stop_reason: StopReason) -> AppEvent {
-        AppEvent::Engine(EngineEvent::Done(TurnStats {
-            stop_reason,
-            tokens: 3,
-            time_to_first_token: Duration::from_millis(40),
-            decode_tok_s: 50.0,
-            reused_tokens: 12,
-            context_used: 30,
-            kv_bytes: 1024,
-            dropped_messages: 0,
-        }))
+        AppEvent::Engine(EngineEvent::Done {
+            id: 1,
+            stats: TurnStats {
+                stop_reason,
+                tokens: 3,
+                prompt_tokens: 30,
+                prefill_time: Duration::from_millis(30),
+                time_to_first_token: Duration::from_millis(40),
+                decode_tok_s: 50.0,
+                decode_time: Duration::from_millis(40),
+                loops: 2,
+                reused_tokens: 12,
+                context_used: 30,
+                kv_bytes: 1024,
+                dropped_messages: 0,
+            },
+        })
     }
 
     #[test]
@@ -1317,11 +1336,11 @@ pub(crate) mod tests {
         let mut app = loaded_app();
         type_text(&mut app, "hello");
         let effects = update(&mut app, key(KeyCode::Enter));
-        let [Effect::Send(Request::Generate {
-            messages,
-            max_tokens,
+        let [Effect::Send(Request::Generate(GenerateJob {
+            prompt: Prompt::Chat { messages, .. },
+            max_tokens: Some(max_tokens),
             ..
-        })] = effects.as_slice()
+        }))] = effects.as_slice()
         else {
             panic!("{effects:?}");
         };
@@ -1352,7 +1371,11 @@ pub(crate) mod tests {
         // The next turn carries the answer.
         type_text(&mut app, "more");
         let effects = update(&mut app, key(KeyCode::Enter));
-        let [Effect::Send(Request::Generate { messages, .. })] = effects.as_slice() else {
+        let [Effect::Send(Request::Generate(GenerateJob {
+            prompt: Prompt::Chat { messages, .. },
+            ..
+        }))] = effects.as_slice()
+        else {
             panic!("{effects:?}");
         };
         assert_eq!(messages.len(), 3);
@@ -1367,11 +1390,11 @@ pub(crate) mod tests {
         update(&mut app, token("partial", 10));
         assert_eq!(
             update(&mut app, key(KeyCode::Esc)),
-            vec![Effect::Send(Request::Cancel)]
+            vec![Effect::Send(Request::Cancel(1))]
         );
         assert_eq!(
             update(&mut app, with(KeyCode::Char('c'), KeyModifiers::CONTROL)),
-            vec![Effect::Send(Request::Cancel)]
+            vec![Effect::Send(Request::Cancel(1))]
         );
         update(&mut app, done(StopReason::Cancelled));
         assert_eq!(app.cells[1].status, CellStatus::Cancelled);
@@ -1502,7 +1525,11 @@ pub(crate) mod tests {
             &mut app,
             AppEvent::AttachmentsRead(vec![("src/lib.rs".into(), Ok("pub mod tui;".into()))]),
         );
-        let [Effect::Send(Request::Generate { messages, .. })] = effects.as_slice() else {
+        let [Effect::Send(Request::Generate(GenerateJob {
+            prompt: Prompt::Chat { messages, .. },
+            ..
+        }))] = effects.as_slice()
+        else {
             panic!("{effects:?}");
         };
         assert!(messages[0]
@@ -1648,7 +1675,7 @@ pub(crate) mod tests {
         let mut app = loaded_app();
         let effects = answer_with_edits(&mut app, dir.path());
         assert!(
-            matches!(effects.as_slice(), [Effect::Send(Request::Generate { .. })]),
+            matches!(effects.as_slice(), [Effect::Send(Request::Generate(_))]),
             "{effects:?}"
         );
         let cells = app.cells.len();

@@ -242,7 +242,8 @@ fn apply(effect: Effect, engine: &dyn Backend, files: &Files) -> Option<Followup
             None
         }
         Effect::Quit => {
-            engine.send(Request::Cancel);
+            // Stops the answer in progress first.
+            engine.send(Request::Shutdown);
             Some(Followup::Quit)
         }
         Effect::ReadFile(path) => {

@@ -423,6 +423,7 @@ mod tests {
             update(
                 app,
                 AppEvent::Engine(EngineEvent::Token {
+                    id: 1,
                     text: text.to_string(),
                     latency: Duration::from_millis(20 + (i as u64 * 7) % 30),
                 }),
@@ -486,16 +487,23 @@ mod tests {
         ask(&mut app, "hi", &["Hello", "!"]);
         update(
             &mut app,
-            AppEvent::Engine(EngineEvent::Done(TurnStats {
-                stop_reason: StopReason::Eos,
-                tokens: 2,
-                time_to_first_token: Duration::from_millis(35),
-                decode_tok_s: 23.4,
-                reused_tokens: 12,
-                context_used: 40,
-                kv_bytes: 4096,
-                dropped_messages: 0,
-            })),
+            AppEvent::Engine(EngineEvent::Done {
+                id: 1,
+                stats: TurnStats {
+                    stop_reason: StopReason::Eos,
+                    tokens: 2,
+                    prompt_tokens: 30,
+                    prefill_time: Duration::from_millis(30),
+                    time_to_first_token: Duration::from_millis(35),
+                    decode_tok_s: 23.4,
+                    decode_time: Duration::from_millis(40),
+                    loops: 2,
+                    reused_tokens: 12,
+                    context_used: 40,
+                    kv_bytes: 4096,
+                    dropped_messages: 0,
+                },
+            }),
         );
         update(&mut app, AppEvent::Engine(EngineEvent::LoopsChanged(3)));
         for (w, h) in [(80, 24), (120, 40)] {
@@ -551,6 +559,7 @@ mod tests {
                 let effects = update(
                     &mut app,
                     AppEvent::Engine(EngineEvent::Token {
+                        id: 1,
                         text: text.to_string(),
                         latency: Duration::from_millis(20),
                     }),
@@ -559,16 +568,23 @@ mod tests {
             }
             let effects = update(
                 &mut app,
-                AppEvent::Engine(EngineEvent::Done(TurnStats {
-                    stop_reason: StopReason::Eos,
-                    tokens: 60,
-                    time_to_first_token: Duration::from_millis(40),
-                    decode_tok_s: 50.0,
-                    reused_tokens: 0,
-                    context_used: 200,
-                    kv_bytes: 1024,
-                    dropped_messages: 0,
-                })),
+                AppEvent::Engine(EngineEvent::Done {
+                    id: 1,
+                    stats: TurnStats {
+                        stop_reason: StopReason::Eos,
+                        tokens: 60,
+                        prompt_tokens: 30,
+                        prefill_time: Duration::from_millis(30),
+                        time_to_first_token: Duration::from_millis(40),
+                        decode_tok_s: 50.0,
+                        decode_time: Duration::from_millis(40),
+                        loops: 2,
+                        reused_tokens: 0,
+                        context_used: 200,
+                        kv_bytes: 1024,
+                        dropped_messages: 0,
+                    },
+                }),
             );
             run_edit_effects(&mut app, dir.path(), effects);
             // Focus the pane, reject the first hunk, select the second.
