@@ -85,6 +85,46 @@ enum Command {
     Apply(ApplyArgs),
     /// Undo the last set of edits applied to a workspace.
     Undo(UndoArgs),
+    /// Serve the model over the OpenAI APIs (Chat Completions, Responses, Completions).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Checkpoint directory or .gguf file (default: config.toml's `model`, else the default model).
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Address to listen on (default: config's serve.host, 127.0.0.1). A non-loopback
+    /// address needs an API key.
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// Port to listen on; 0 picks a free one (default: config's serve.port, 8080).
+    #[arg(long, value_name = "PORT")]
+    port: Option<u16>,
+    /// Key every route but /health requires as `Authorization: Bearer KEY` (default:
+    /// config's serve.api_key, else none).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "PLAIT_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// Loop count of requests that do not ask for one (1..=8; default: the trained count).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
+    loops: Option<u8>,
+    /// Most tokens in an answer whose request sets no limit (default: the room left in the
+    /// context).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_tokens: Option<u64>,
+    /// Override a config.toml key, e.g. `-c serve.queue_length=4` (repeatable).
+    #[arg(short = 'c', value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Read this config file instead of the user's config.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Args)]
@@ -292,6 +332,7 @@ impl Cli {
             Command::Convert(args) => convert(args),
             Command::Apply(args) => apply(args),
             Command::Undo(args) => undo(args),
+            Command::Serve(args) => serve(args),
         }
     }
 }
@@ -926,6 +967,35 @@ fn undo(args: UndoArgs) -> Result<()> {
         }
     }
     println!("{} more set(s) can be undone", journal.depth()?);
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let config = AppConfig::load(args.config.as_deref(), &args.overrides)?;
+    if let Some(threads) = config.threads {
+        set_threads(threads);
+    }
+    let model = model_path(args.model.as_deref().or(config.model.as_deref()))?;
+    let serve = config.serve;
+    plait::serve::run(plait::serve::ServeOptions {
+        engine: EngineOptions {
+            model,
+            loops: args.loops.map(usize::from).or(config.loops),
+            context_size: config.context_size,
+            device: args.device.device.or(config.device).unwrap_or_default(),
+            dtype: args.device.dtype,
+            cache_budget: config.cache_budget_mib.map(|mib| mib << 20),
+        },
+        host: args.host.unwrap_or(serve.host),
+        port: args.port.unwrap_or(serve.port),
+        api_key: args.api_key.or(serve.api_key),
+        queue_length: serve.queue_length,
+        max_body_bytes: serve.max_body_bytes,
+        cors_origins: serve.cors_origins,
+        max_tokens: args
+            .max_tokens
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+    })?;
     Ok(())
 }
 

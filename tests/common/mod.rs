@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths and the oracle's values.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
