@@ -620,6 +620,7 @@ fn ask(args: AskArgs) -> Result<()> {
         &loaded,
         tok,
         &messages,
+        &[],
         Some(args.sampling.max_tokens),
         context,
         true,

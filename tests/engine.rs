@@ -78,6 +78,7 @@ fn job(messages: &[ChatMessage], max_tokens: usize) -> GenerateJob {
         prompt: Prompt::Chat {
             messages: messages.to_vec(),
             drop_oldest: true,
+            tools: Vec::new(),
         },
         sampling: SamplingParams::default(),
         max_tokens: Some(max_tokens),

@@ -588,3 +588,82 @@ fn a_bounded_load_is_all_answered_or_refused_never_lost() {
         "the metrics count what was answered"
     );
 }
+
+/// The tiny fixture with a chat template that renders tools, as tool-calling models ship.
+fn tiny_with_tool_template() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(tiny()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% if tools %}<|im_start|>system\nTools:\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}\
+         {% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}\
+         {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn tools_reach_a_template_that_renders_them_and_are_left_out_otherwise() {
+    let tool = json!({"type": "function", "function": {"name": "shell", "description": "Run a command.", "parameters": {"type": "object"}}});
+    let prompt_tokens = |served: &Served, tools: bool| {
+        let mut body = chat("List the files.", 1);
+        if tools {
+            body["tools"] = json!([tool]);
+        }
+        let answer = served.post_json("/v1/chat/completions", &body, 200);
+        answer["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = Served::start(&debug_binary(), &tiny(), &[]);
+    assert_eq!(
+        prompt_tokens(&plain, true),
+        prompt_tokens(&plain, false),
+        "no tools in a template without them"
+    );
+    let model = tiny_with_tool_template();
+    let served = Served::start(&debug_binary(), model.path(), &[]);
+    let (with, without) = (prompt_tokens(&served, true), prompt_tokens(&served, false));
+    assert!(
+        with > without + 5,
+        "the tool is rendered: {with} vs {without} prompt tokens"
+    );
+    // The Responses API's flat function tools are rendered the same way; the answer streams whole.
+    let body = json!({
+        "input": "List the files.",
+        "max_output_tokens": 3,
+        "temperature": 0,
+        "stream": true,
+        "tools": [{"type": "function", "name": "shell", "description": "Run a command.", "parameters": {"type": "object"}}, {"type": "custom", "name": "apply_patch"}],
+    });
+    let events = sse_values_until_end(served.post("/v1/responses", &body));
+    let done = events.last().unwrap();
+    assert_eq!(done["type"], "response.completed");
+    assert_eq!(
+        done["response"]["usage"]["input_tokens"], with,
+        "the same prompt as chat's"
+    );
+}
+
+#[test]
+fn earlier_function_calls_and_their_outputs_are_rendered_into_the_conversation() {
+    let served = Served::start(&debug_binary(), &tiny(), &[]);
+    let input_tokens = |items: Value| {
+        let body = json!({"input": items, "max_output_tokens": 1, "temperature": 0});
+        let answer = served.post_json("/v1/responses", &body, 200);
+        answer["usage"]["input_tokens"].as_u64().unwrap()
+    };
+    let user = |text: &str| json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]});
+    let bare = input_tokens(json!([user("List the files."), user("Thanks.")]));
+    let with_call = input_tokens(json!([
+        user("List the files."),
+        {"type": "reasoning", "summary": [], "encrypted_content": "xyz"},
+        {"type": "function_call", "name": "shell", "arguments": "{\"command\":[\"ls\"]}", "call_id": "c1"},
+        {"type": "function_call_output", "call_id": "c1", "output": "README.md\nsrc"},
+        {"type": "custom_tool_call", "name": "apply_patch", "input": "*** Begin Patch", "call_id": "c2"},
+        user("Thanks."),
+    ]));
+    assert!(with_call > bare + 10, "{with_call} vs {bare}");
+}

@@ -357,6 +357,7 @@ impl Scripted {
                 loops,
                 window: 0,
                 context_size: 8192,
+                supports_tools: false,
             }));
             while let Ok(request) = inbox.recv() {
                 match request {

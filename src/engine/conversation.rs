@@ -23,6 +23,7 @@ pub fn conversation_prompt(
     loaded: &LoadedModel,
     tokenizer: &TextTokenizer,
     messages: &[ChatMessage],
+    tools: &[serde_json::Value],
     max_tokens: Option<usize>,
     context: usize,
     drop_oldest: bool,
@@ -38,7 +39,10 @@ pub fn conversation_prompt(
             .chain(&messages[system + dropped..])
             .cloned()
             .collect();
-        let ids = tokenizer.encode(&loaded.template.render(&kept, true)?, false)?;
+        let ids = tokenizer.encode(
+            &loaded.template.render_with_tools(&kept, tools, true)?,
+            false,
+        )?;
         if ids.len() + answer_room <= context {
             return Ok(ConversationPrompt {
                 max_tokens: max_tokens.min(context - ids.len()),

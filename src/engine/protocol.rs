@@ -20,6 +20,8 @@ pub enum Prompt {
         /// Whether the oldest messages (after the system prompt) may be left out so that it
         /// fits the context; otherwise a prompt that does not fit fails.
         drop_oldest: bool,
+        /// Functions the model may call, rendered when the template reads `tools`.
+        tools: Vec<serde_json::Value>,
     },
     /// Text continued as it is (encoded with the tokenizer's special prefix, as `generate`).
     Text(String),
@@ -90,6 +92,8 @@ pub struct ModelInfo {
     pub window: usize,
     /// Longest context.
     pub context_size: usize,
+    /// Whether the chat template renders tools (and the model may answer with calls).
+    pub supports_tools: bool,
 }
 
 /// Why a request failed.

@@ -95,6 +95,7 @@ fn model_info(loaded: &LoadedModel, options: &EngineOptions, loops: usize) -> Mo
         loops,
         window: c.plt_window,
         context_size: context_size(loaded, options),
+        supports_tools: loaded.template.supports_tools(),
     }
 }
 
@@ -301,10 +302,12 @@ impl Worker<'_> {
             Prompt::Chat {
                 messages,
                 drop_oldest,
+                tools,
             } => conversation_prompt(
                 &self.loaded,
                 tokenizer()?,
                 messages,
+                tools,
                 job.max_tokens,
                 self.context,
                 *drop_oldest,

@@ -36,6 +36,8 @@ impl ChatMessage {
 pub struct ChatTemplate {
     env: Environment<'static>,
     source: String,
+    /// Whether the template reads a `tools` list (HF's convention for tool calling).
+    reads_tools: bool,
     bos_token: String,
     eos_token: String,
 }
@@ -94,11 +96,13 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        let reads_tools = text.contains("tools");
         env.add_template_owned(TEMPLATE_NAME, text)
             .map_err(|e| template_error(source, &e))?;
         Ok(Self {
             env,
             source: source.to_string(),
+            reads_tools,
             bos_token,
             eos_token,
         })
@@ -109,8 +113,24 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Whether tools given to [`Self::render_with_tools`] reach the prompt.
+    pub fn supports_tools(&self) -> bool {
+        self.reads_tools
+    }
+
     /// Renders the conversation, ending with the assistant's header when asked.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders the conversation with the tools it may call (HF's `tools`: a list of
+    /// `{"type": "function", "function": {...}}`; none leaves `tools` undefined).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -119,6 +139,7 @@ impl ChatTemplate {
             .render(minijinja::context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
+                tools => (!tools.is_empty()).then_some(tools),
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })

@@ -16,6 +16,7 @@ use super::openai::{
     finish_reason, fresh_id, max_tokens, now, parse, plait_extension, stop_strings, timings,
     ApiError, Common,
 };
+use super::tools::split_tool_calls;
 use super::Server;
 
 /// A message as clients send it.
@@ -193,6 +194,43 @@ fn sse(values: impl Stream<Item = Vec<Value>> + Send + 'static) -> Response {
         .into_response()
 }
 
+/// The assistant's message and finish reason, with the calls it wrote split out when the
+/// request offered tools.
+fn assistant_turn(
+    text: String,
+    tools_offered: bool,
+    finish: &'static str,
+) -> (Value, &'static str) {
+    if !tools_offered {
+        return (json!({ "role": "assistant", "content": text }), finish);
+    }
+    let (text, calls) = split_tool_calls(&text);
+    if calls.is_empty() {
+        return (json!({ "role": "assistant", "content": text }), finish);
+    }
+    let calls: Vec<Value> = calls
+        .iter()
+        .enumerate()
+        .map(|(index, call)| {
+            json!({
+                "index": index,
+                "id": fresh_id("call"),
+                "type": "function",
+                "function": { "name": call.name, "arguments": call.arguments },
+            })
+        })
+        .collect();
+    let content = if text.is_empty() {
+        Value::Null
+    } else {
+        text.into()
+    };
+    (
+        json!({ "role": "assistant", "content": content, "tool_calls": calls }),
+        "tool_calls",
+    )
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(server: Arc<Server>, body: Value) -> Result<Response, ApiError> {
     let model = server.model_id()?;
@@ -201,29 +239,18 @@ pub async fn chat_completions(server: Arc<Server>, body: Value) -> Result<Respon
     let messages = chat_messages(&request)?;
     let max = max_tokens(&body, &["max_completion_tokens", "max_tokens"])?;
     let stops = stop_strings(&body)?;
+    let tools = server.tools(&body);
+    let tools_offered = !tools.is_empty();
     let prompt = Prompt::Chat {
         messages,
         drop_oldest: false,
+        tools,
     };
     let max = max.or(server.max_tokens);
     let answer = Answer::start(&server.hub, job(prompt, &common, max), stops, "messages").await?;
+    let (prompt_tokens, cached) = (answer.prompt_tokens, answer.cached_tokens);
     let id = fresh_id("chatcmpl");
     let created = now();
-    if !common.stream {
-        let (prompt_tokens, cached) = (answer.prompt_tokens, answer.cached_tokens);
-        let (text, stats, stopped) = answer.collect().await?;
-        let choice = json!({
-            "index": 0,
-            "message": { "role": "assistant", "content": text },
-            "logprobs": null,
-            "finish_reason": finish_reason(&stats, stopped),
-        });
-        let head =
-            json!({ "id": id, "object": "chat.completion", "created": created, "model": model });
-        return Ok(
-            axum::Json(whole_answer(head, choice, (prompt_tokens, cached), &stats)).into_response(),
-        );
-    }
     let include_usage = request.stream_options.unwrap_or_default().include_usage;
     let chunk = move |delta: Value, finish: Value| {
         json!({
@@ -234,6 +261,37 @@ pub async fn chat_completions(server: Arc<Server>, body: Value) -> Result<Respon
             "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish }],
         })
     };
+    // The stream's last chunks: the finish reason, then the usage when asked.
+    let last_chunks =
+        move |chunk: &dyn Fn(Value, Value) -> Value, stats: &TurnStats, finish: &str| {
+            let mut last = vec![chunk(json!({}), finish.into())];
+            if include_usage {
+                let mut usage_chunk = chunk(json!({}), Value::Null);
+                usage_chunk["choices"] = json!([]);
+                usage_chunk["usage"] = usage(prompt_tokens, cached, stats.tokens);
+                usage_chunk["timings"] = timings(stats);
+                usage_chunk["plait"] = plait_extension(stats);
+                last.push(usage_chunk);
+            }
+            last
+        };
+    if !common.stream || tools_offered {
+        // With tools the answer is read whole, so that a call is never streamed as text.
+        let (text, stats, stopped) = answer.collect().await?;
+        let (message, finish) = assistant_turn(text, tools_offered, finish_reason(&stats, stopped));
+        if common.stream {
+            let mut values = vec![chunk(message, Value::Null)];
+            values.extend(last_chunks(&chunk, &stats, finish));
+            return Ok(sse(stream::iter([values])));
+        }
+        let mut head = chunk(Value::Null, Value::Null);
+        head["object"] = "chat.completion".into();
+        let choice =
+            json!({ "index": 0, "message": message, "logprobs": null, "finish_reason": finish });
+        return Ok(
+            axum::Json(whole_answer(head, choice, (prompt_tokens, cached), &stats)).into_response(),
+        );
+    }
     let first = chunk(json!({ "role": "assistant", "content": "" }), Value::Null);
     let state = (answer, chunk, false);
     let rest = stream::unfold(state, move |(mut answer, chunk, ended)| async move {
@@ -244,16 +302,7 @@ pub async fn chat_completions(server: Arc<Server>, body: Value) -> Result<Respon
             Step::Text(text) => vec![chunk(json!({ "content": text }), Value::Null)],
             Step::Progress => Vec::new(),
             Step::Done(stats, stopped) => {
-                let mut last = vec![chunk(json!({}), finish_reason(&stats, stopped).into())];
-                if include_usage {
-                    let mut usage_chunk = chunk(json!({}), Value::Null);
-                    usage_chunk["choices"] = json!([]);
-                    usage_chunk["usage"] =
-                        usage(answer.prompt_tokens, answer.cached_tokens, stats.tokens);
-                    usage_chunk["timings"] = timings(&stats);
-                    usage_chunk["plait"] = plait_extension(&stats);
-                    last.push(usage_chunk);
-                }
+                let last = last_chunks(&chunk, &stats, finish_reason(&stats, stopped));
                 return Some((last, (answer, chunk, true)));
             }
             Step::Failed(e) => {

@@ -7,6 +7,7 @@ mod hub;
 mod metrics;
 mod openai;
 mod responses;
+mod tools;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -95,6 +96,17 @@ impl Server {
                 Some("model_not_loaded"),
                 message,
             )),
+        }
+    }
+}
+
+impl Server {
+    /// The function tools `body` offers, when the model's template renders them (else none:
+    /// the model answers in text).
+    fn tools(&self, body: &Value) -> Vec<Value> {
+        match self.hub.routes.status() {
+            ModelStatus::Ready(info) if info.supports_tools => tools::function_tools(body),
+            _ => Vec::new(),
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::engine::{ChatMessage, GenerateJob, Prompt, TurnStats};
 use super::answer::{Answer, Step};
 use super::chat::{template_role, tool_call_text, Content};
 use super::openai::{fresh_id, max_tokens, now, parse, plait_extension, timings, ApiError, Common};
+use super::tools::split_tool_calls;
 use super::Server;
 
 #[derive(Debug, Deserialize)]
@@ -126,13 +127,13 @@ impl Envelope {
         object
     }
 
-    /// The finished response: its output message, usage, and why it ended.
-    fn finished(&self, message: Value, answer: (usize, usize), stats: &TurnStats) -> Value {
+    /// The finished response: its output items, usage, and why it ended.
+    fn finished(&self, output: Vec<Value>, answer: (usize, usize), stats: &TurnStats) -> Value {
         let (prompt_tokens, cached) = answer;
         let incomplete = stats.stop_reason == crate::engine::StopReason::MaxTokens;
         self.object(
             if incomplete { "incomplete" } else { "completed" },
-            json!([message]),
+            Value::Array(output),
             json!({
                 "incomplete_details": if incomplete { json!({"reason": "max_output_tokens"}) } else { Value::Null },
                 "usage": {
@@ -186,11 +187,14 @@ pub async fn responses(server: Arc<Server>, body: Value) -> Result<Response, Api
         temperature: common.sampling.temperature,
         top_p: common.sampling.top_p,
     };
+    let tools = server.tools(&body);
+    let tools_offered = !tools.is_empty();
     let job = GenerateJob {
         id: 0,
         prompt: Prompt::Chat {
             messages,
             drop_oldest: false,
+            tools,
         },
         sampling: common.sampling.clone(),
         max_tokens: max.or(server.max_tokens),
@@ -198,54 +202,57 @@ pub async fn responses(server: Arc<Server>, body: Value) -> Result<Response, Api
         cache_key: common.cache_key.clone(),
     };
     let started = Answer::start(&server.hub, job, Vec::new(), "input").await;
-    let item_id = fresh_id("msg");
+    let mut state = Streaming {
+        envelope,
+        events: Events { sequence: 0 },
+        item_id: fresh_id("msg"),
+        text: String::new(),
+        opened: false,
+        ended: false,
+        tools_offered,
+    };
     if !common.stream {
         let answer = started?;
         let counts = (answer.prompt_tokens, answer.cached_tokens);
         let (text, stats, _) = answer.collect().await?;
-        let message = message_item(&item_id, "completed", Some(&text));
-        return Ok(axum::Json(envelope.finished(message, counts, &stats)).into_response());
+        let output = state.output(text);
+        return Ok(axum::Json(state.envelope.finished(output, counts, &stats)).into_response());
     }
-    let mut events = Events { sequence: 0 };
     let answer = match started {
         Ok(answer) => answer,
         // A prompt the engine refused is still a stream, as OpenAI's: created, then failed.
         Err(e) if e.code() == "context_length_exceeded" => {
-            let created = events.event(
-                "response.created",
-                json!({ "response": envelope.object("in_progress", json!([]), json!({})) }),
+            let mut events = state.opening();
+            events.truncate(1);
+            events.extend(state.step(Step::Failed(e), (0, 0)));
+            return Ok(
+                Sse::new(stream::iter(events.into_iter().map(Ok::<_, Infallible>))).into_response(),
             );
-            let failed = envelope.object(
-                "failed",
-                json!([]),
-                json!({ "error": { "code": e.code(), "message": e.message() } }),
-            );
-            let failed = events.event("response.failed", json!({ "response": failed }));
-            let all = stream::iter([created, failed].map(Ok::<_, Infallible>));
-            return Ok(Sse::new(all).into_response());
         }
         Err(e) => return Err(e),
     };
-    let in_progress = envelope.object("in_progress", json!([]), json!({}));
-    let opening = vec![
-        events.event("response.created", json!({ "response": in_progress })),
-        events.event("response.in_progress", json!({ "response": in_progress })),
-    ];
-    let state = Streaming {
-        answer,
-        envelope,
-        events,
-        item_id,
-        text: String::new(),
-        opened: false,
-        ended: false,
-    };
-    let rest = stream::unfold(state, |mut state| async move {
+    let opening = state.opening();
+    let counts = (answer.prompt_tokens, answer.cached_tokens);
+    if tools_offered {
+        // With tools the answer is read whole, so that a call is never streamed as text.
+        let mut events = opening;
+        match answer.collect().await {
+            Ok((text, stats, stopped)) => {
+                events.extend(state.step(Step::Text(text), counts));
+                events.extend(state.step(Step::Done(stats, stopped), counts));
+            }
+            Err(e) => events.extend(state.step(Step::Failed(e), counts)),
+        }
+        return Ok(
+            Sse::new(stream::iter(events.into_iter().map(Ok::<_, Infallible>))).into_response(),
+        );
+    }
+    let rest = stream::unfold((state, answer), move |(mut state, mut answer)| async move {
         if state.ended {
             return None;
         }
-        let batch = state.advance().await;
-        Some((batch, state))
+        let batch = state.step(answer.next().await, counts);
+        Some((batch, (state, answer)))
     });
     let all = stream::iter([opening])
         .chain(rest)
@@ -255,9 +262,8 @@ pub async fn responses(server: Arc<Server>, body: Value) -> Result<Response, Api
         .into_response())
 }
 
-/// A streaming response between its opening and its end.
+/// A response as it is produced: its events, numbered, and what it has said.
 struct Streaming {
-    answer: Answer,
     envelope: Envelope,
     events: Events,
     item_id: String,
@@ -265,13 +271,52 @@ struct Streaming {
     /// Whether the output message was announced.
     opened: bool,
     ended: bool,
+    /// Whether the answer's function calls are split out of its text.
+    tools_offered: bool,
 }
 
 impl Streaming {
-    /// The events of the answer's next step.
-    async fn advance(&mut self) -> Vec<SseEvent> {
+    /// `response.created` and `response.in_progress`.
+    fn opening(&mut self) -> Vec<SseEvent> {
+        let in_progress = self.envelope.object("in_progress", json!([]), json!({}));
+        vec![
+            self.events
+                .event("response.created", json!({ "response": in_progress })),
+            self.events
+                .event("response.in_progress", json!({ "response": in_progress })),
+        ]
+    }
+
+    /// The output items of a whole answer: its message (when it has text or no calls),
+    /// then each function call it wrote.
+    fn output(&self, text: String) -> Vec<Value> {
+        let (text, calls) = if self.tools_offered {
+            split_tool_calls(&text)
+        } else {
+            (text, Vec::new())
+        };
+        let mut output = Vec::new();
+        if !text.is_empty() || calls.is_empty() {
+            output.push(message_item(&self.item_id, "completed", Some(&text)));
+        }
+        for call in calls {
+            let call_id = fresh_id("call");
+            output.push(json!({
+                "id": fresh_id("fc"),
+                "type": "function_call",
+                "status": "completed",
+                "call_id": call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            }));
+        }
+        output
+    }
+
+    /// The events of the answer's next step; `counts` are its (prompt, cached) tokens.
+    fn step(&mut self, step: Step, counts: (usize, usize)) -> Vec<SseEvent> {
         let mut out = Vec::new();
-        match self.answer.next().await {
+        match step {
             Step::Progress => {
                 // Keeps the client's idle timer from firing during a long prompt.
                 let response = self.envelope.object("in_progress", json!([]), json!({}));
@@ -281,31 +326,50 @@ impl Streaming {
                 );
             }
             Step::Text(delta) => {
-                self.open(&mut out);
+                let (shown, _) = if self.tools_offered {
+                    split_tool_calls(&delta)
+                } else {
+                    (delta.clone(), Vec::new())
+                };
                 self.text.push_str(&delta);
+                if shown.is_empty() {
+                    return out;
+                }
+                self.open(&mut out);
                 out.push(self.events.event(
                     "response.output_text.delta",
-                    json!({ "item_id": self.item_id, "output_index": 0, "content_index": 0, "delta": delta, "logprobs": [] }),
+                    json!({ "item_id": self.item_id, "output_index": 0, "content_index": 0, "delta": shown, "logprobs": [] }),
                 ));
             }
             Step::Done(stats, _) => {
-                self.open(&mut out);
-                let part = json!({ "type": "output_text", "text": self.text, "annotations": [] });
-                out.push(self.events.event(
-                    "response.output_text.done",
-                    json!({ "item_id": self.item_id, "output_index": 0, "content_index": 0, "text": self.text }),
-                ));
-                out.push(self.events.event(
-                    "response.content_part.done",
-                    json!({ "item_id": self.item_id, "output_index": 0, "content_index": 0, "part": part }),
-                ));
-                let item = message_item(&self.item_id, "completed", Some(&self.text));
-                out.push(self.events.event(
-                    "response.output_item.done",
-                    json!({ "output_index": 0, "item": item }),
-                ));
-                let counts = (self.answer.prompt_tokens, self.answer.cached_tokens);
-                let response = self.envelope.finished(item, counts, &stats);
+                let text = std::mem::take(&mut self.text);
+                let output = self.output(text);
+                for (index, item) in output.iter().enumerate() {
+                    if item["type"] == "message" {
+                        self.open(&mut out);
+                        let text = item["content"][0]["text"].clone();
+                        let part =
+                            json!({ "type": "output_text", "text": text, "annotations": [] });
+                        out.push(self.events.event(
+                            "response.output_text.done",
+                            json!({ "item_id": self.item_id, "output_index": index, "content_index": 0, "text": text }),
+                        ));
+                        out.push(self.events.event(
+                            "response.content_part.done",
+                            json!({ "item_id": self.item_id, "output_index": index, "content_index": 0, "part": part }),
+                        ));
+                    } else {
+                        out.push(self.events.event(
+                            "response.output_item.added",
+                            json!({ "output_index": index, "item": item }),
+                        ));
+                    }
+                    out.push(self.events.event(
+                        "response.output_item.done",
+                        json!({ "output_index": index, "item": item }),
+                    ));
+                }
+                let response = self.envelope.finished(output, counts, &stats);
                 out.push(
                     self.events
                         .event("response.completed", json!({ "response": response })),

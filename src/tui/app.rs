@@ -989,6 +989,7 @@ fn start_answer(app: &mut App) -> Vec<Effect> {
         prompt: Prompt::Chat {
             messages,
             drop_oldest: true,
+            tools: Vec::new(),
         },
         sampling: app.settings.sampling.clone(),
         max_tokens: Some(app.settings.max_tokens),
@@ -1265,6 +1266,7 @@ pub(crate) mod tests {
                 loops: 2,
                 window: 4,
                 context_size: 4096,
+                supports_tools: false,
             })),
         );
         app
