@@ -824,14 +824,34 @@ fn group_by_path(edits: &[Edit]) -> Vec<(&str, Vec<Edit>)> {
     groups
 }
 
+/// A user-given path inside `root`, relative to it: an absolute one is accepted when it
+/// lies inside the root (model-given paths stay relative-only).
+fn relative_to_root(root: &Path, path: &Path) -> Result<PathBuf> {
+    if path.is_relative() {
+        return Ok(path.to_path_buf());
+    }
+    let canonical =
+        |p: &Path| std::fs::canonicalize(p).with_context(|| format!("cannot read {}", p.display()));
+    let (root_abs, path_abs) = (canonical(root)?, canonical(path)?);
+    match path_abs.strip_prefix(&root_abs) {
+        Ok(relative) => Ok(relative.to_path_buf()),
+        Err(_) => bail!(
+            "--context {} is outside --root {}",
+            path.display(),
+            root.display()
+        ),
+    }
+}
+
 /// Edits inferred from the reply's plain code blocks, placed in the `context` files.
 fn infer(reply: &str, root: &Path, context: &[PathBuf]) -> Result<Vec<Edit>> {
     let files = context
         .iter()
         .map(|path| {
+            let relative = relative_to_root(root, path)?;
             Ok((
-                path.to_string_lossy().into_owned(),
-                read_text(&root.join(path))?,
+                relative.to_string_lossy().into_owned(),
+                read_text(&root.join(&relative))?,
             ))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -1027,7 +1047,8 @@ fn tui(args: TuiArgs) -> Result<()> {
             ),
         },
         color: std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        theme: plait::tui::markdown::Theme::from_name(&config.theme),
+        // Checked when the config was loaded.
+        theme: plait::config::Theme::from_name(&config.theme).unwrap_or_default(),
         workspace: std::env::current_dir().context("cannot read the current directory")?,
         state_dir: plait::config::state_dir()?,
     };

@@ -23,13 +23,31 @@ pub const LOG_FILE_NAME: &str = "plait.log";
 /// [`MAX_LOOPS`] in words, for [`RangeError::expected`] (which is static).
 const LOOPS_RANGE: &str = "1 to 8";
 const _: () = assert!(MAX_LOOPS == 8, "update LOOPS_RANGE");
+const _: () = assert!(Theme::ALL.len() == 2, "update the theme's expected values");
 
 /// What a build without the `cuda` feature accepts as `device`, for [`RangeError::expected`].
 const DEVICE_WITHOUT_CUDA: &str =
     "\"cpu\" (this plait was built without CUDA: build it with `--features cuda`)";
 
-/// The themes the terminal interface has.
-pub const THEMES: &[&str] = &["dark", "light"];
+/// The terminal interface's colour theme, for the terminal's background.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Theme {
+    /// Light text on a dark background.
+    #[default]
+    Dark,
+    /// Dark text on a light background.
+    Light,
+}
+
+impl Theme {
+    /// Every theme with its name in `config.toml`: the one list of them.
+    pub const ALL: [(&'static str, Theme); 2] = [("dark", Theme::Dark), ("light", Theme::Light)];
+
+    /// The theme `name` names, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|&(_, t)| t)
+    }
+}
 
 /// Errors finding plait's directories, reading its configuration, or finding the default model.
 #[derive(Debug, thiserror::Error)]
@@ -330,7 +348,7 @@ impl AppConfig {
         if let Some(device) = self.device.filter(|d| !d.is_available()) {
             return Err(fail("device", format!("\"{device}\""), DEVICE_WITHOUT_CUDA));
         }
-        if !THEMES.contains(&self.theme.as_str()) {
+        if Theme::from_name(&self.theme).is_none() {
             return Err(fail(
                 "theme",
                 format!("{:?}", self.theme),

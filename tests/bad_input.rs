@@ -486,3 +486,34 @@ fn a_bad_cpu_kernel_path_is_named_with_the_valid_ones() {
     let (code, _, stderr) = run("scalar");
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn a_corrupt_gguf_is_one_line_of_error_even_with_rust_backtrace_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("corrupt.gguf");
+    // A GGUF v3 header claiming an absurd tensor count.
+    let mut bytes = b"GGUF\x03\x00\x00\x00".to_vec();
+    bytes.extend(u64::MAX.to_le_bytes());
+    bytes.extend([0u8; 64]);
+    std::fs::write(&path, bytes).unwrap();
+    let (code, _, stderr) = plait_with_env(
+        &[
+            "perplexity",
+            "--model",
+            path.to_str().unwrap(),
+            "--ids",
+            "1,2",
+        ],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("corrupt.gguf") && stderr.contains("not a readable GGUF"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "no backtrace on screen:\n{stderr}"
+    );
+}

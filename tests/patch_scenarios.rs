@@ -408,3 +408,42 @@ fn several_applies_undo_in_reverse_order() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(snapshot(run.root()), before);
 }
+
+#[test]
+fn a_user_given_context_path_may_be_absolute_inside_the_root_but_not_outside() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/infer-issue-reply");
+    let run = Run::new(&dir);
+    let root = run.root().to_str().unwrap();
+    let inside = run.root().join("hello.py");
+    let out = run.plait(&[
+        "apply",
+        "--root",
+        root,
+        "--context",
+        inside.to_str().unwrap(),
+        run.reply(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(snapshot(run.root()), run.expected("after"));
+
+    let run = Run::new(&dir);
+    let root = run.root().to_str().unwrap();
+    let outside = run.outside.path().join("hello.py");
+    fs::write(&outside, "def hello():\n    pass\n").unwrap();
+    let before = snapshot(run.root());
+    let out = run.plait(&[
+        "apply",
+        "--root",
+        root,
+        "--context",
+        outside.to_str().unwrap(),
+        run.reply(),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("outside") && stderr.contains("hello.py"),
+        "{stderr}"
+    );
+    assert_eq!(snapshot(run.root()), before, "nothing written");
+}

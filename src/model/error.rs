@@ -150,7 +150,7 @@ pub enum ModelError {
     #[error("{0}")]
     Device(String),
     /// A tensor operation failed.
-    #[error(transparent)]
+    #[error("{}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -159,3 +159,16 @@ pub const MAX_LOOPS: usize = 8;
 
 /// Result alias for the model module.
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// A candle error's own message, without the path and backtrace candle wraps it in (with
+/// `RUST_BACKTRACE` set, candle captures one); the backtrace goes to the log only.
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithPath { inner, .. } => candle_message(inner),
+        candle_core::Error::WithBacktrace { inner, backtrace } => {
+            tracing::debug!("candle error backtrace:\n{backtrace}");
+            candle_message(inner)
+        }
+        other => other.to_string(),
+    }
+}

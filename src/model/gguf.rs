@@ -9,7 +9,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::PltConfig;
-use super::error::{ModelError, Result};
+use super::error::{candle_message, ModelError, Result};
 use super::weights::WeightSource;
 
 /// Window of the loops a lifted (non-looped) model runs: LoopCoder-V2's, so the extra
@@ -72,8 +72,12 @@ impl GgufWeights {
             path: path.to_path_buf(),
             source,
         })?;
-        let content = Content::read(&mut file)
-            .map_err(|e| gguf_error(path, format!("not a readable GGUF file: {e}")))?;
+        let content = Content::read(&mut file).map_err(|e| {
+            gguf_error(
+                path,
+                format!("not a readable GGUF file: {}", candle_message(&e)),
+            )
+        })?;
         let file_len = file
             .metadata()
             .map_err(|source| ModelError::Io {

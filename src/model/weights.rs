@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::device::Placement;
-use super::error::{ModelError, Result};
+use super::error::{candle_message, ModelError, Result};
 
 /// The weights of a checkpoint directory, memory-mapped, not yet loaded.
 pub struct Checkpoint {
@@ -122,7 +122,7 @@ impl Checkpoint {
         // so peak memory stays near the size of the computed weights.
         let stored = file
             .load(name, device)
-            .map_err(|e| unsupported(root_message(&e)))?;
+            .map_err(|e| unsupported(candle_message(&e)))?;
         if !matches!(stored.dtype(), DType::F32 | DType::F16 | DType::BF16) {
             return Err(unsupported(stored.dtype().as_str().to_string()));
         }
@@ -135,21 +135,12 @@ fn map_file(path: &Path) -> Result<MmapedSafetensors> {
     // changed by another process while mapped is outside what any mmap-based loader guards.
     unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Safetensors {
         path: path.to_path_buf(),
-        message: root_message(&e),
+        message: candle_message(&e),
     })
 }
 
 fn file_tensor_names(file: &MmapedSafetensors) -> impl Iterator<Item = String> + '_ {
     file.tensors().into_iter().map(|(name, _)| name)
-}
-
-/// The innermost message of a candle error, without the path candle already attached.
-fn root_message(e: &candle_core::Error) -> String {
-    match e {
-        candle_core::Error::WithPath { inner, .. } => root_message(inner),
-        candle_core::Error::WithBacktrace { inner, .. } => root_message(inner),
-        other => other.to_string(),
-    }
 }
 
 /// Where a model's tensors come from, asked for by their Hugging Face names.

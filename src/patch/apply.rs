@@ -319,8 +319,10 @@ pub(crate) fn plan(
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// Write `bytes` to `target` through a temporary file in the same directory.
-pub(super) fn write_atomic(
+/// Writes `bytes` to `target` through a fresh temporary file in the same directory (fsync,
+/// rename): a reader sees the old file or the new one, never part of it; `path` names it in
+/// errors.
+pub fn write_atomic(
     path: &str,
     target: &Path,
     bytes: &[u8],

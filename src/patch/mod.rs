@@ -12,7 +12,7 @@ pub mod parse;
 mod proptests;
 pub mod review;
 
-pub use apply::{apply_edits, content_hash, undo, UndoEntry, UndoRecord};
+pub use apply::{apply_edits, content_hash, undo, write_atomic, UndoEntry, UndoRecord};
 pub use infer::{infer_edits, Inference, InferredEdit};
 pub use journal::{workspace_key, Journal};
 pub use locate::{locate, replace_unique, LocateError, Located, MatchLevel};

@@ -4,7 +4,7 @@
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 
-use super::markdown::{Highlighter, Theme};
+use super::markdown::{Highlighter, Theme, ThemeColors};
 use super::review::Review;
 use crate::patch::{ChangeKind, DiffLine, ReviewHunk};
 

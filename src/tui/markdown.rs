@@ -16,28 +16,17 @@ use syntect::highlighting::{FontStyle, Theme as SyntectTheme, ThemeSet};
 use syntect::parsing::{SyntaxReference, SyntaxSet};
 use syntect::util::LinesWithEndings;
 
-/// The syntect theme used for code blocks.
-/// The terminal's background, as the `theme` config key gives it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Theme {
-    /// Light text on a dark background.
-    #[default]
-    Dark,
-    /// Dark text on a light background.
-    Light,
+pub use crate::config::Theme;
+
+/// What the interface draws with in each theme.
+pub trait ThemeColors {
+    /// syntect's theme for code in this theme.
+    fn syntect_name(self) -> &'static str;
+    /// `color` made readable on this theme's background: pale colours darken on light.
+    fn adapt(self, color: Color) -> Color;
 }
 
-impl Theme {
-    /// The theme named by the config (`"light"`; anything else is dark).
-    pub fn from_name(name: &str) -> Self {
-        if name == "light" {
-            Theme::Light
-        } else {
-            Theme::Dark
-        }
-    }
-
-    /// syntect's theme for code in this theme.
+impl ThemeColors for Theme {
     fn syntect_name(self) -> &'static str {
         match self {
             Theme::Dark => "base16-ocean.dark",
@@ -45,8 +34,7 @@ impl Theme {
         }
     }
 
-    /// `color` made readable on this theme's background: pale colours darken on light.
-    pub fn adapt(self, color: Color) -> Color {
+    fn adapt(self, color: Color) -> Color {
         match (self, color) {
             (Theme::Light, Color::Cyan) => Color::Blue,
             (Theme::Light, Color::Yellow) => Color::Rgb(140, 90, 0),
@@ -1332,7 +1320,8 @@ Done.";
         let (dark, light) = (colours(Theme::Dark), colours(Theme::Light));
         assert_ne!(dark, light);
         assert!(light.contains(&Some(Color::Rgb(140, 0, 140))), "{light:?}");
-        assert_eq!(Theme::from_name("light"), Theme::Light);
-        assert_eq!(Theme::from_name("dark"), Theme::Dark);
+        assert_eq!(Theme::from_name("light"), Some(Theme::Light));
+        assert_eq!(Theme::from_name("dark"), Some(Theme::Dark));
+        assert_eq!(Theme::from_name("blue"), None, "not quietly dark");
     }
 }

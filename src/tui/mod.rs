@@ -7,7 +7,6 @@ pub mod review;
 pub mod ui;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crossterm::event::{
@@ -107,6 +106,28 @@ async fn event_loop(
     result
 }
 
+/// SIGTERM, on Unix; elsewhere nothing arrives (Ctrl+C comes as a key in raw mode).
+struct Termination {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Termination {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        self.signal.recv().await;
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn drive(
     terminal: &mut ratatui::DefaultTerminal,
     app: &mut App,
@@ -116,7 +137,7 @@ async fn drive(
 ) -> std::io::Result<()> {
     let highlighter = Highlighter::with_theme(app.theme);
     let mut terminal_events = EventStream::new();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminated = Termination::new()?;
     let mut dirty = true;
     loop {
         if dirty {
@@ -137,7 +158,7 @@ async fn drive(
                 None => return Ok(()),
             },
             event = engine_rx.recv() => event.map(AppEvent::Engine),
-            _ = sigterm.recv() => return Ok(()),
+            () = terminated.recv() => return Ok(()),
         };
         let Some(event) = event else { continue };
         dirty = true;
@@ -278,15 +299,36 @@ fn apply(effect: Effect, engine: &dyn Backend, files: &Files) -> Option<Followup
 
 /// Writes through a temporary file and a rename, so an existing file is never half-written.
 fn save(path: &Path, text: &str) -> Result<PathBuf, String> {
-    let partial = path.with_extension("partial");
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&partial)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&partial, path)
-    };
-    write().map(|()| path.to_path_buf()).map_err(|e| {
-        let _ = std::fs::remove_file(&partial);
-        format!("{}: {e}", path.display())
-    })
+    let name = path.display().to_string();
+    crate::patch::write_atomic(&name, path, text.as_bytes(), None)
+        .map(|()| path.to_path_buf())
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod save_tests {
+    use super::save;
+
+    #[test]
+    fn save_leaves_a_neighbouring_partial_file_alone_and_replaces_the_target_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let notes = dir.path().join("notes.md");
+        let neighbour = dir.path().join("notes.partial");
+        std::fs::write(&neighbour, "keep me").unwrap();
+        std::fs::write(&notes, "old").unwrap();
+        assert_eq!(save(&notes, "new transcript").unwrap(), notes);
+        assert_eq!(std::fs::read_to_string(&notes).unwrap(), "new transcript");
+        assert_eq!(std::fs::read_to_string(&neighbour).unwrap(), "keep me");
+        // A target that itself ends in .partial is written whole too.
+        assert_eq!(save(&neighbour, "replaced").unwrap(), neighbour);
+        assert_eq!(std::fs::read_to_string(&neighbour).unwrap(), "replaced");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no temporary file is left: {names:?}");
+        // Under a file: an error naming the path, not a panic.
+        let err = save(&notes.join("x.md"), "x").unwrap_err();
+        assert!(err.contains("notes.md"), "{err}");
+    }
 }

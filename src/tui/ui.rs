@@ -1,5 +1,6 @@
 //! Drawing the state: chat pane, input box, status line, help overlay.
 
+use super::markdown::ThemeColors;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
