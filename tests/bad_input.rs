@@ -1,4 +1,6 @@
 //! Bad checkpoints and arguments give a clear error naming the culprit, never a panic.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

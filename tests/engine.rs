@@ -1,4 +1,6 @@
 //! The engine's worker thread over the real model: load, stream, loop changes, cancel, reuse.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,4 +1,6 @@
 //! GGUF: converted fixtures against the oracle, the identity lift and the real default model.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

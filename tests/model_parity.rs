@@ -1,4 +1,6 @@
 //! The PLT forward, decode and cache checked against the float64 oracle in tests/fixtures.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

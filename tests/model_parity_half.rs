@@ -11,6 +11,8 @@
 //! f16: the error is rounding, not a wrong operation, which would not shrink 8x with 3 more
 //! bits. In bf16 that is 0.45 and 3.3. The bounds below leave 1.5x for a GPU's other
 //! summation order. The nll, a mean over the sequence, measured up to 8 steps.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -8,6 +8,8 @@
 //! workspace that gets the scenario's `outside/` tree), and `hashes-from/` (the files
 //! as the model saw them; their hashes are passed to the library as the expected ones,
 //! since a reply file carries none).
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![cfg(unix)]
 
 use std::collections::{BTreeMap, HashMap};

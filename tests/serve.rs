@@ -1,5 +1,7 @@
 //! `plait serve` over the tiny fixture: answers equal `plait ask` / `plait generate`, the
 //! loops extension, per-conversation caches, and every fault a client can cause.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! second time mostly from the kept cache. `.ci/run` installs the clients
 //! (scripts/install-test-clients.sh) and names the release binary; outside CI a test whose
 //! client is not installed says so and passes.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,4 +1,6 @@
 //! Tokenizers, chat templates, stop ids and streaming, checked against expected.json.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

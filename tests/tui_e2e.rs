@@ -6,6 +6,8 @@
 //! the inferred edit from the diff pane and undoes it: there the answer is scripted (this
 //! test binary runs the TUI over a stand-in backend that streams a fixed reply), since a
 //! quantized model's wording differs between CPUs and the engine is tested on its own.
+// Test helpers outside #[test] functions unwrap as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -508,7 +508,8 @@ pub(super) fn restore(record: &UndoRecord, force: bool) -> Result<(), PatchError
     Ok(())
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
+#[cfg(unix)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

@@ -365,7 +365,8 @@ fn load_level(level: &Path) -> Result<UndoRecord, PatchError> {
     })
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
+#[cfg(unix)]
 mod tests {
     use super::*;
     use crate::patch::{apply_edits, Edit};

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: fixture paths and the oracle's values.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod server;
 
