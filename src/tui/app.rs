@@ -74,7 +74,7 @@ pub const KEYS: &[(&str, &str)] = &[
 ];
 
 /// Who a chat cell is from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The user's message.
     User,

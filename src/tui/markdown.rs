@@ -179,6 +179,29 @@ pub fn render_markdown(
     renderer.finish()
 }
 
+/// Where each top-level block of the text starts. A streaming answer grows only its last
+/// block, so the lines of the blocks before it can be kept while it streams.
+pub fn top_level_blocks(text: &str) -> Vec<usize> {
+    let options =
+        Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH | Options::ENABLE_TASKLISTS;
+    let mut depth = 0usize;
+    let mut starts = Vec::new();
+    for (event, range) in Parser::new_ext(text, options).into_offset_iter() {
+        match event {
+            Event::Start(_) => {
+                if depth == 0 {
+                    starts.push(range.start);
+                }
+                depth += 1;
+            }
+            Event::End(_) => depth = depth.saturating_sub(1),
+            _ if depth == 0 => starts.push(range.start),
+            _ => {}
+        }
+    }
+    starts
+}
+
 /// A block that prefixes each of its lines: a list item or a block quote.
 struct Container {
     /// Prefix of the container's first line (a list marker).

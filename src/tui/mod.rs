@@ -136,12 +136,13 @@ async fn drive(
     engine_rx: &mut mpsc::UnboundedReceiver<crate::engine::Event>,
 ) -> std::io::Result<()> {
     let highlighter = Highlighter::with_theme(app.theme);
+    let chat_view = ui::ChatView::default();
     let mut terminal_events = EventStream::new();
     let mut terminated = Termination::new()?;
     let mut dirty = true;
     loop {
         if dirty {
-            terminal.draw(|frame| ui::draw(frame, app, &highlighter))?;
+            terminal.draw(|frame| ui::draw(frame, app, &highlighter, &chat_view))?;
             dirty = false;
         }
         let event = tokio::select! {

@@ -7,9 +7,12 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 use ratatui::Frame;
 
-use super::app::{App, CellStatus, EngineState, Focus, Role, COMMANDS, KEYS};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use super::app::{App, Cell, CellStatus, EngineState, Focus, Role, COMMANDS, KEYS};
 use super::diff::diff_lines;
-use super::markdown::{render_markdown, Highlighter};
+use super::markdown::{render_markdown, top_level_blocks, Highlighter};
 
 /// Below this the screen shows a notice instead of the layout.
 pub const MIN_WIDTH: u16 = 40;
@@ -28,7 +31,7 @@ fn style(app: &App, color: Color) -> Style {
 }
 
 /// Draws the whole screen; records the chat pane's height in `app` for paging.
-pub fn draw(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter) {
+pub fn draw(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter, view: &ChatView) {
     let area = frame.area();
     if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
         let notice = Paragraph::new(format!(
@@ -48,10 +51,10 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter) {
     .areas(area);
     if app.review.is_some() {
         let (chat, diff) = split_for_diff(chat, app.diff_large);
-        draw_chat(frame, app, highlighter, chat);
+        draw_chat(frame, app, highlighter, view, chat);
         draw_diff(frame, app, highlighter, diff);
     } else {
-        draw_chat(frame, app, highlighter, chat);
+        draw_chat(frame, app, highlighter, view, chat);
     }
     draw_input(frame, app, input);
     draw_status(frame, app, status);
@@ -87,53 +90,206 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter) {
     }
 }
 
-/// The chat's lines at `width`, every cell rendered.
-pub fn chat_lines(app: &App, highlighter: &Highlighter, width: u16) -> Vec<Line<'static>> {
-    let mut lines: Vec<Line<'static>> = Vec::new();
-    for cell in &app.cells {
-        if !lines.is_empty() {
-            lines.push(Line::default());
+/// One cell's lines at `width`.
+fn cell_lines(app: &App, cell: &Cell, highlighter: &Highlighter, width: u16) -> Vec<Line<'static>> {
+    cell_lines_with(app, cell, &mut |text| {
+        render_markdown(text, width, highlighter, app.color)
+    })
+}
+
+/// One cell's lines, its markdown rendered by `markdown`.
+fn cell_lines_with(
+    app: &App,
+    cell: &Cell,
+    markdown: &mut dyn FnMut(&str) -> Vec<Line<'static>>,
+) -> Vec<Line<'static>> {
+    let mut lines = Vec::new();
+    match cell.role {
+        Role::User => {
+            lines.push(Line::styled(
+                "you",
+                style(app, Color::Cyan).add_modifier(Modifier::BOLD),
+            ));
+            lines.extend(markdown(&cell.text));
         }
-        match cell.role {
-            Role::User => {
+        Role::Assistant => {
+            let mut header = vec![Span::styled(
+                "plait",
+                style(app, Color::Green).add_modifier(Modifier::BOLD),
+            )];
+            match cell.status {
+                CellStatus::Cancelled => {
+                    header.push(Span::styled(" (cancelled)", style(app, Color::Yellow)))
+                }
+                CellStatus::Failed => {
+                    header.push(Span::styled(" (failed)", style(app, Color::Red)))
+                }
+                CellStatus::Streaming if cell.text.is_empty() => header.push(Span::raw(" …")),
+                _ => {}
+            }
+            lines.push(Line::from(header));
+            lines.extend(markdown(&cell.text));
+        }
+        Role::Notice => {
+            for line in cell.text.lines() {
                 lines.push(Line::styled(
-                    "you",
-                    style(app, Color::Cyan).add_modifier(Modifier::BOLD),
+                    format!("· {line}"),
+                    style(app, Color::DarkGray).add_modifier(Modifier::ITALIC),
                 ));
-                lines.extend(render_markdown(&cell.text, width, highlighter, app.color));
-            }
-            Role::Assistant => {
-                let mut header = vec![Span::styled(
-                    "plait",
-                    style(app, Color::Green).add_modifier(Modifier::BOLD),
-                )];
-                match cell.status {
-                    CellStatus::Cancelled => {
-                        header.push(Span::styled(" (cancelled)", style(app, Color::Yellow)))
-                    }
-                    CellStatus::Failed => {
-                        header.push(Span::styled(" (failed)", style(app, Color::Red)))
-                    }
-                    CellStatus::Streaming if cell.text.is_empty() => header.push(Span::raw(" …")),
-                    _ => {}
-                }
-                lines.push(Line::from(header));
-                lines.extend(render_markdown(&cell.text, width, highlighter, app.color));
-            }
-            Role::Notice => {
-                for line in cell.text.lines() {
-                    lines.push(Line::styled(
-                        format!("· {line}"),
-                        style(app, Color::DarkGray).add_modifier(Modifier::ITALIC),
-                    ));
-                }
             }
         }
     }
     lines
 }
 
-fn draw_chat(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter, area: Rect) {
+/// What a cached cell's lines were rendered from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct CellKey {
+    width: u16,
+    color: bool,
+    status: CellStatus,
+    text_hash: u64,
+}
+
+impl CellKey {
+    fn of(app: &App, cell: &Cell, width: u16) -> Self {
+        Self {
+            width,
+            color: app.color,
+            status: cell.status,
+            text_hash: hash_of((cell.role, &cell.text)),
+        }
+    }
+}
+
+fn hash_of(value: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What a streaming answer's completed block was rendered from: width, colour, its hash.
+type BlockKey = (u16, bool, u64);
+
+/// Rendered lines, shared between the cache and a frame.
+type Lines = Rc<Vec<Line<'static>>>;
+
+/// The chat pane's rendered cells, kept per width: a finished cell's markdown and
+/// highlighting are rendered once, and only a streaming cell again on each redraw.
+#[derive(Default)]
+pub struct ChatView {
+    cells: RefCell<Vec<Option<(CellKey, Lines)>>>,
+    /// The streaming cell's completed blocks, in order: (width, color, the block's hash) and
+    /// its lines.
+    streaming: RefCell<Vec<(BlockKey, Lines)>>,
+}
+
+impl ChatView {
+    /// The lines of cell `index`, from the cache when it is still what was rendered.
+    fn lines(
+        &self,
+        app: &App,
+        index: usize,
+        highlighter: &Highlighter,
+        width: u16,
+    ) -> Rc<Vec<Line<'static>>> {
+        let cell = &app.cells[index];
+        if cell.status == CellStatus::Streaming {
+            return Rc::new(self.streaming_lines(app, cell, highlighter, width));
+        }
+        let key = CellKey::of(app, cell, width);
+        let mut cells = self.cells.borrow_mut();
+        if cells.len() < app.cells.len() {
+            cells.resize(app.cells.len(), None);
+        }
+        cells.truncate(app.cells.len());
+        if let Some((cached, lines)) = &cells[index] {
+            if *cached == key {
+                return Rc::clone(lines);
+            }
+        }
+        let lines = Rc::new(cell_lines(app, cell, highlighter, width));
+        cells[index] = Some((key, Rc::clone(&lines)));
+        lines
+    }
+
+    /// A streaming cell's lines: its completed blocks from the cache, its last block rendered.
+    fn streaming_lines(
+        &self,
+        app: &App,
+        cell: &Cell,
+        highlighter: &Highlighter,
+        width: u16,
+    ) -> Vec<Line<'static>> {
+        cell_lines_with(app, cell, &mut |text| {
+            let starts = top_level_blocks(text);
+            let Some((&growing, completed)) = starts.split_last() else {
+                return render_markdown(text, width, highlighter, app.color);
+            };
+            let mut kept = self.streaming.borrow_mut();
+            let mut lines: Vec<Line<'static>> = Vec::new();
+            let join = |lines: &mut Vec<Line<'static>>, more: &[Line<'static>]| {
+                if !lines.is_empty() && !more.is_empty() {
+                    lines.push(Line::default());
+                }
+                lines.extend_from_slice(more);
+            };
+            for (i, window) in starts.windows(2).enumerate().take(completed.len()) {
+                let block = &text[window[0]..window[1]];
+                let key = (width, app.color, hash_of(block));
+                if kept.get(i).is_none_or(|(k, _)| *k != key) {
+                    let rendered = Rc::new(render_markdown(block, width, highlighter, app.color));
+                    kept.truncate(i);
+                    kept.push((key, rendered));
+                }
+                join(&mut lines, &kept[i].1);
+            }
+            join(
+                &mut lines,
+                &render_markdown(&text[growing..], width, highlighter, app.color),
+            );
+            lines
+        })
+    }
+
+    /// The chat's lines at `width` from line `top` on, at most `height` of them, and the
+    /// number of lines in all (cells are separated by a blank line).
+    fn window(
+        &self,
+        app: &App,
+        highlighter: &Highlighter,
+        width: u16,
+        scroll_from_bottom: usize,
+        height: usize,
+    ) -> (Vec<Line<'static>>, usize) {
+        let rendered: Vec<Rc<Vec<Line<'static>>>> = (0..app.cells.len())
+            .map(|i| self.lines(app, i, highlighter, width))
+            .collect();
+        let total =
+            rendered.iter().map(|l| l.len()).sum::<usize>() + rendered.len().saturating_sub(1);
+        let max_scroll = total.saturating_sub(height);
+        let top = max_scroll - scroll_from_bottom.min(max_scroll);
+        let blank = Line::default();
+        let visible = rendered
+            .iter()
+            .enumerate()
+            .flat_map(|(i, lines)| (i > 0).then_some(&blank).into_iter().chain(lines.iter()))
+            .skip(top)
+            .take(height)
+            .cloned()
+            .collect();
+        (visible, total)
+    }
+}
+
+fn draw_chat(
+    frame: &mut Frame<'_>,
+    app: &mut App,
+    highlighter: &Highlighter,
+    view: &ChatView,
+    area: Rect,
+) {
     let focused = app.focus == Focus::Chat;
     let block = Block::default().borders(Borders::TOP).title(if focused {
         " chat (focused) "
@@ -141,13 +297,11 @@ fn draw_chat(frame: &mut Frame<'_>, app: &mut App, highlighter: &Highlighter, ar
         " chat "
     });
     let inner = block.inner(area);
-    let lines = chat_lines(app, highlighter, inner.width.saturating_sub(1).max(1));
     let height = inner.height as usize;
+    let width = inner.width.saturating_sub(1).max(1);
+    let (visible, total) = view.window(app, highlighter, width, app.scroll_from_bottom, height);
     app.chat_height = height;
-    let max_scroll = lines.len().saturating_sub(height);
-    app.scroll_from_bottom = app.scroll_from_bottom.min(max_scroll);
-    let top = max_scroll - app.scroll_from_bottom;
-    let visible: Vec<Line<'static>> = lines.into_iter().skip(top).take(height).collect();
+    app.scroll_from_bottom = app.scroll_from_bottom.min(total.saturating_sub(height));
     frame.render_widget(Paragraph::new(visible).block(block), area);
     if app.cells.is_empty() {
         let hint =
@@ -436,9 +590,89 @@ mod tests {
         let highlighter = Highlighter::new();
         let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
         terminal
-            .draw(|frame| draw(frame, app, &highlighter))
+            .draw(|frame| draw(frame, app, &highlighter, &ChatView::default()))
             .unwrap();
         terminal
+    }
+
+    fn render_with(app: &mut App, view: &ChatView, width: u16, height: u16) -> String {
+        let highlighter = Highlighter::new();
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal
+            .draw(|frame| draw(frame, app, &highlighter, view))
+            .unwrap();
+        format!("{:?}", terminal.backend().buffer())
+    }
+
+    #[test]
+    fn cached_cells_draw_as_fresh_ones_after_a_resize_an_edit_or_a_status_change() {
+        let mut app = loaded_app();
+        ask(&mut app, "hi", CODE_ANSWER);
+        update(
+            &mut app,
+            AppEvent::Engine(EngineEvent::Done {
+                id: 1,
+                stats: finished_stats(),
+            }),
+        );
+        let view = ChatView::default();
+        for (width, height) in [(80, 24), (60, 30), (80, 24)] {
+            assert_eq!(
+                render_with(&mut app, &view, width, height),
+                render_with(&mut app, &ChatView::default(), width, height)
+            );
+        }
+        app.cells[1].text.push_str(" More.");
+        app.cells[1].status = CellStatus::Cancelled;
+        let drawn = render_with(&mut app, &view, 80, 24);
+        assert_eq!(drawn, render_with(&mut app, &ChatView::default(), 80, 24));
+        assert!(drawn.contains("(cancelled)"));
+    }
+
+    #[test]
+    fn a_streaming_answer_draws_as_a_fresh_render_at_every_token() {
+        let answers = [
+            CODE_ANSWER.concat(),
+            "# Plan\n\n1. read\n2. write\n\n- a\n\n- b\n\n> quoted\n> more\n\n| a | b |\n| - | - |\n| 1 | 2 |\n\nTitle\n=====\n\n```rust\nfn f() {}\n```\n\n---\n\nend *here*".to_string(),
+        ];
+        for answer in answers {
+            let mut app = loaded_app();
+            ask(&mut app, "hi", &[]);
+            let view = ChatView::default();
+            for piece in answer.split_inclusive([' ', '\n']) {
+                update(
+                    &mut app,
+                    AppEvent::Engine(EngineEvent::Token {
+                        id: 1,
+                        text: piece.into(),
+                        latency: Duration::from_millis(5),
+                    }),
+                );
+                assert_eq!(
+                    render_with(&mut app, &view, 70, 60),
+                    render_with(&mut app, &ChatView::default(), 70, 60),
+                    "after {:?}",
+                    app.cells[1].text
+                );
+            }
+        }
+    }
+
+    fn finished_stats() -> TurnStats {
+        TurnStats {
+            stop_reason: StopReason::Eos,
+            tokens: 5,
+            prompt_tokens: 30,
+            prefill_time: Duration::from_millis(30),
+            time_to_first_token: Duration::from_millis(35),
+            decode_time: Duration::from_millis(40),
+            decode_tok_s: 23.4,
+            loops: 2,
+            reused_tokens: 12,
+            context_used: 40,
+            kv_bytes: 4096,
+            dropped_messages: 0,
+        }
     }
 
     const CODE_ANSWER: &[&str] = &[
