@@ -50,20 +50,12 @@ impl CachePool {
         key: Option<&str>,
         loops: usize,
     ) -> Result<Checkout> {
-        let shared = |cache: &PltCache| {
-            cache
-                .tokens()
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count()
-        };
         let own = |kept: &Kept| key.is_some() && kept.key.as_deref() == key;
         let best = self
             .kept
             .iter()
             .enumerate()
-            .map(|(i, kept)| (shared(&kept.cache), own(kept), kept.used, i))
+            .map(|(i, kept)| (kept.cache.shared_prefix(prompt), own(kept), kept.used, i))
             .max();
         let mut cache = match best {
             Some((common, is_own, _, i)) if common > 0 => {

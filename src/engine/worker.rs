@@ -139,7 +139,7 @@ fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
         }
     };
     let loops = options.loops.unwrap_or(loaded.model.config().plt_num_loops);
-    if let Err(e) = loaded.model.new_cache(loops) {
+    if let Err(e) = loaded.model.check_loops(loops) {
         sink(Event::LoadFailed(e.to_string()));
         return;
     }
@@ -173,9 +173,9 @@ impl Worker<'_> {
                     let arrived = self.answer(job);
                     pending.extend(arrived);
                 }
-                Request::SetLoops(n) => match self.loaded.model.new_cache(n) {
-                    // Checked on a new cache; the kept ones change when next used.
-                    Ok(_) => {
+                // The kept caches change when next used.
+                Request::SetLoops(n) => match self.loaded.model.check_loops(n) {
+                    Ok(()) => {
                         self.loops = n;
                         (self.sink)(Event::LoopsChanged(n));
                     }
@@ -212,21 +212,16 @@ impl Worker<'_> {
     ) -> Result<(), (FailureKind, String)> {
         let prompt = self.prompt(job).map_err(failure)?;
         let loops = job.loops.unwrap_or(self.loops);
-        if loops == 0 || loops > crate::model::MAX_LOOPS {
-            return Err(failure(ModelError::LoopCount(loops)));
-        }
         let model = &self.loaded.model;
+        model.check_loops(loops).map_err(failure)?;
         let mut checkout = self
             .caches
             .checkout(model, &prompt.ids, job.cache_key.as_deref(), loops)
             .map_err(failure)?;
+        // The last prompt position always runs again (its logits are not kept).
         let cached = checkout
             .cache
-            .tokens()
-            .iter()
-            .zip(&prompt.ids)
-            .take_while(|(a, b)| a == b)
-            .count()
+            .shared_prefix(&prompt.ids)
             .min(prompt.ids.len() - 1);
         (self.sink)(Event::Started {
             id: job.id,

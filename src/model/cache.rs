@@ -82,6 +82,15 @@ impl PltCache {
         &self.tokens
     }
 
+    /// How many leading positions of `tokens` this cache already holds.
+    pub fn shared_prefix(&self, tokens: &[u32]) -> usize {
+        self.tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+    }
+
     /// The loop count the cached state was computed for.
     pub fn loops(&self) -> usize {
         self.loops

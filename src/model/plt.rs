@@ -373,7 +373,8 @@ impl PltModel {
         }
     }
 
-    fn check_loops(&self, loops: usize) -> Result<()> {
+    /// Whether this model can run `loops` loops (1..=MAX_LOOPS, and PLT gates beyond one).
+    pub fn check_loops(&self, loops: usize) -> Result<()> {
         if loops == 0 || loops > MAX_LOOPS {
             return Err(ModelError::LoopCount(loops));
         }
@@ -610,12 +611,7 @@ impl PltModel {
         tokens: &[u32],
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Tensor, usize)> {
-        let common = cache
-            .tokens
-            .iter()
-            .zip(tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let common = cache.shared_prefix(tokens);
         // The last token is always run again: its logits are not kept.
         let keep = common.min(tokens.len().saturating_sub(1));
         let rest = &tokens[keep..];

@@ -2,7 +2,7 @@
 //! channel, a bounded number of requests admitted, and a ticket whose drop cancels.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -106,7 +106,7 @@ pub struct Hub {
     in_flight: AtomicUsize,
     /// Most requests admitted at once: the running one and the queue.
     limit: usize,
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
 }
 
 impl Hub {
