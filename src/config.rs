@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::model::{DeviceSpec, SamplingParams, MAX_LOOPS};
+use crate::engine::{SamplingParams, MAX_LOOPS};
+use crate::model::DeviceSpec;
 
 /// The default model's manifest, embedded from `assets/default-model.toml`.
 const DEFAULT_MODEL_MANIFEST: &str = include_str!("../assets/default-model.toml");
@@ -256,7 +257,7 @@ impl Default for AppConfig {
     }
 }
 
-/// The `[sampling]` section: the sampler's own parameters (the defaults are greedy).
+/// The `[sampling]` section: the requests' sampling settings (the defaults are greedy).
 pub type SamplingConfig = SamplingParams;
 
 impl AppConfig {

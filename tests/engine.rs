@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use common::*;
 use plait::engine::{
-    Engine, EngineOptions, Event, FailureKind, GenerateJob, Prompt, Request, RequestId, StopReason,
-    TurnStats,
+    ChatMessage, Engine, EngineOptions, Event, FailureKind, GenerateJob, Prompt, Request,
+    RequestId, SamplingParams, StopReason, TurnStats,
 };
-use plait::model::{ChatMessage, DeviceSpec, LoadedModel, SamplingParams};
+use plait::model::{DeviceSpec, LoadedModel};
 
 fn start(loops: Option<usize>) -> (Engine, mpsc::Receiver<Event>) {
     start_with_context(loops, None)

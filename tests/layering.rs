@@ -15,7 +15,7 @@ fn allowed(module: &str) -> &'static [&'static str] {
         "engine" => &["model"],
         "serve" => &["engine"],
         "tui" => &["engine", "patch", "config"],
-        "config" => &["model"],
+        "config" => &["engine", "model"],
         // lib.rs declares the modules.
         _ => &["config", "engine", "model", "patch", "serve", "tui"],
     }

@@ -2,7 +2,9 @@
 //! conversation's messages rendered with the model's chat template and fitted to the
 //! context, with room left for the answer.
 
-use crate::model::{ChatMessage, LoadedModel, ModelError, Result, TextTokenizer};
+use crate::model::{self, LoadedModel, ModelError, Result, TextTokenizer};
+
+use super::protocol::ChatMessage;
 
 /// A conversation's prompt, fitted to the context.
 pub struct ConversationPrompt {
@@ -34,10 +36,10 @@ pub fn conversation_prompt(
     let system = usize::from(messages.first().is_some_and(|m| m.role == "system"));
     let mut dropped = 0;
     loop {
-        let kept: Vec<ChatMessage> = messages[..system]
+        let kept: Vec<model::ChatMessage> = messages[..system]
             .iter()
             .chain(&messages[system + dropped..])
-            .cloned()
+            .map(model::ChatMessage::from)
             .collect();
         let ids = tokenizer.encode(
             &loaded.template.render_with_tools(&kept, tools, true)?,

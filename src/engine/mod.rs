@@ -10,8 +10,6 @@ mod protocol;
 mod score;
 mod worker;
 
-/// The model types a front end needs, so that it reaches the model only through the engine.
-pub use crate::model::{ChatMessage, SamplingParams, MAX_LOOPS};
 pub use bench::{
     bench_followup, bench_ids, bench_loop_counts, copy_bandwidth, synthetic_model, FollowupBench,
     LoopBench,
@@ -23,8 +21,8 @@ pub use generate::{
 };
 pub use metrics::GenerationMetrics;
 pub use protocol::{
-    Backend, Event, EventSink, FailureKind, GenerateJob, ModelInfo, Prompt, Request, RequestId,
-    TurnStats,
+    Backend, ChatMessage, Event, EventSink, FailureKind, GenerateJob, ModelInfo, Prompt, Request,
+    RequestId, SamplingParams, TurnStats, MAX_LOOPS,
 };
 pub use score::{
     score, score_incremental, Comparison, IncrementalScore, Score, LOGPROB_ERROR_FLOOR,

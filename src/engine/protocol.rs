@@ -3,9 +3,83 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::model::{ChatMessage, SamplingParams};
+use crate::model;
 
 use super::generate::StopReason;
+
+/// The most loops a request may run: the model's limit.
+pub const MAX_LOOPS: usize = model::MAX_LOOPS;
+
+/// One message of a conversation, as a front end sends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role.
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        Self {
+            role: role.to_string(),
+            content: content.into(),
+        }
+    }
+}
+
+impl From<&ChatMessage> for model::ChatMessage {
+    fn from(message: &ChatMessage) -> Self {
+        Self::new(&message.role, message.content.as_str())
+    }
+}
+
+/// How a request picks tokens; the defaults are greedy decoding. Deserializes from config
+/// files (missing fields take the defaults, unknown ones are refused).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0: off).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p (1.0: off).
+    pub top_p: f64,
+    /// Drop tokens below min_p times the top probability (0.0: off).
+    pub min_p: f64,
+    /// Penalise tokens already in the sequence (1.0: off), as HF and llama.cpp do.
+    pub repetition_penalty: f64,
+    /// Seed of the random generator; the same seed gives the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        let greedy = model::SamplingParams::default();
+        Self {
+            temperature: greedy.temperature,
+            top_k: greedy.top_k,
+            top_p: greedy.top_p,
+            min_p: greedy.min_p,
+            repetition_penalty: greedy.repetition_penalty,
+            seed: greedy.seed,
+        }
+    }
+}
+
+impl From<&SamplingParams> for model::SamplingParams {
+    fn from(params: &SamplingParams) -> Self {
+        Self {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            min_p: params.min_p,
+            repetition_penalty: params.repetition_penalty,
+            seed: params.seed,
+        }
+    }
+}
 
 /// Names one generation request; every event about it carries it back.
 pub type RequestId = u64;

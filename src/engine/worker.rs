@@ -242,7 +242,7 @@ impl Worker<'_> {
             deferred,
             loops: None,
         };
-        let mut sampler = Sampler::new(job.sampling.clone());
+        let mut sampler = Sampler::new((&job.sampling).into());
         let generated = generate(
             model,
             &mut checkout.cache,

@@ -6,10 +6,8 @@ use rand::{Rng, SeedableRng};
 
 use super::error::Result;
 
-/// How to pick tokens; the defaults are greedy decoding. Deserializes from config files
-/// (missing fields take the defaults, unknown ones are refused).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+/// How to pick tokens; the defaults are greedy decoding.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax).
     pub temperature: f64,
