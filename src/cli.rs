@@ -13,7 +13,7 @@ use plait::model::{convert_to_gguf, Quant};
 use plait::model::{DeviceSpec, Placement, PltModel};
 use plait::model::{LoadedModel, Sampler, SamplingParams, TextTokenizer};
 use plait::patch::{self, ChangeKind, Edit, FileChange, Journal, PatchError};
-use plait::tui::app::Settings;
+use plait::tui::Settings;
 use plait::tui::TuiOptions;
 use serde_json::json;
 

@@ -419,7 +419,7 @@ fn scripted_tui_child() {
             dtype: None,
             cache_budget: None,
         },
-        settings: plait::tui::app::Settings {
+        settings: plait::tui::Settings {
             sampling: Default::default(),
             max_tokens: 512,
             system_prompt: Some(plait::tui::DEFAULT_SYSTEM_PROMPT.to_string()),

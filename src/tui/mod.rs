@@ -1,10 +1,19 @@
-//! The terminal UI: app state and update, drawing, markdown, and the event loop.
+//! The terminal UI: the state and its update (a plain function of state and event), the
+//! chat's cells, the composer and slash commands, edits under review, drawing, markdown, and
+//! the event loop that runs effects and redraws.
 
-pub mod app;
-pub mod diff;
+pub mod cells;
+pub mod commands;
+pub mod composer;
+mod edits;
 pub mod markdown;
 pub mod review;
+pub mod state;
+#[cfg(test)]
+mod testing;
+mod turns;
 pub mod ui;
+pub mod update;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,8 +28,8 @@ use tokio::sync::mpsc;
 
 use crate::engine::{Backend, Engine, EngineOptions, EventSink, Request};
 use crate::patch::{apply_reviewed, prepare, Edit, FileChange, Journal, PatchError};
-use app::{update, App, AppEvent, Effect, Settings};
-use markdown::Highlighter;
+pub use state::{App, AppEvent, Effect, Settings};
+pub use update::update;
 
 /// The system prompt when the config sets none: it teaches the SEARCH/REPLACE edit format.
 pub const DEFAULT_SYSTEM_PROMPT: &str = include_str!("../../assets/system-prompt.md");
@@ -135,25 +144,28 @@ async fn drive(
     files: &Files,
     engine_rx: &mut mpsc::UnboundedReceiver<crate::engine::Event>,
 ) -> std::io::Result<()> {
-    let highlighter = Highlighter::with_theme(app.theme);
-    let chat_view = ui::ChatView::default();
+    let size = terminal.size()?;
+    update(
+        app,
+        AppEvent::Resize {
+            width: size.width,
+            height: size.height,
+        },
+    );
     let mut terminal_events = EventStream::new();
     let mut terminated = Termination::new()?;
     let mut dirty = true;
     loop {
         if dirty {
-            terminal.draw(|frame| ui::draw(frame, app, &highlighter, &chat_view))?;
+            terminal.draw(|frame| ui::draw(frame, app))?;
             dirty = false;
         }
         let event = tokio::select! {
             event = terminal_events.next() => match event {
                 Some(Ok(TermEvent::Key(key))) => Some(AppEvent::Key(key)),
                 Some(Ok(TermEvent::Paste(text))) => Some(AppEvent::Paste(text)),
-                Some(Ok(TermEvent::Mouse(mouse))) => app::wheel(mouse.kind),
-                Some(Ok(TermEvent::Resize(..))) => {
-                    dirty = true;
-                    None
-                }
+                Some(Ok(TermEvent::Mouse(mouse))) => update::wheel(mouse.kind),
+                Some(Ok(TermEvent::Resize(width, height))) => Some(AppEvent::Resize { width, height }),
                 Some(Ok(_)) => None,
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),

@@ -3,7 +3,9 @@
 
 use ratatui::text::Span;
 
-use crate::patch::{ChangeKind, FileChange};
+use crate::patch::{ChangeKind, DiffLine, FileChange, ReviewHunk};
+
+use super::markdown::{Highlighter, Theme};
 
 /// One hunk's lines as highlighted spans.
 pub type CodeLines = Vec<Vec<Span<'static>>>;
@@ -19,26 +21,37 @@ pub struct Review {
     pub selected: usize,
     /// Where inferred edits were anchored; empty for edits written in an edit format.
     pub anchors: Vec<String>,
-    /// Each hunk's highlighted code (flat hunk order), filled by the first draw: syntect
-    /// is too slow to run again on every redraw, and the hunks never change.
-    pub highlighted: Option<Vec<CodeLines>>,
+    /// Each hunk's highlighted code (flat hunk order), made once: syntect is too slow to
+    /// run again on every redraw, and the hunks never change.
+    pub highlighted: Vec<CodeLines>,
 }
 
 impl Review {
-    /// A review of `changes`; explicit edits start accepted, inferred ones (with their
-    /// `anchors`) rejected, so nothing inferred is written unreviewed.
-    pub fn new(changes: Vec<FileChange>, anchors: Vec<String>) -> Self {
+    /// A review of `changes`, their code highlighted for `theme` (plain without `color`);
+    /// explicit edits start accepted, inferred ones (with their `anchors`) rejected, so
+    /// nothing inferred is written unreviewed.
+    pub fn new(changes: Vec<FileChange>, anchors: Vec<String>, theme: Theme, color: bool) -> Self {
         let accept = anchors.is_empty();
         let accepted = changes
             .iter()
             .map(|c| vec![accept; c.hunks.len()])
+            .collect();
+        let highlighter = Highlighter::shared(theme);
+        let highlighted = changes
+            .iter()
+            .flat_map(|change| {
+                change
+                    .hunks
+                    .iter()
+                    .map(|hunk| highlight_hunk(hunk, &change.path, highlighter, color))
+            })
             .collect();
         Self {
             changes,
             accepted,
             selected: 0,
             anchors,
-            highlighted: None,
+            highlighted,
         }
     }
 
@@ -120,4 +133,22 @@ impl Review {
             .zip(self.accepted.iter().cloned())
             .collect()
     }
+}
+
+/// The hunk's lines highlighted as one run of code in the file's language.
+fn highlight_hunk(
+    hunk: &ReviewHunk,
+    path: &str,
+    highlighter: &Highlighter,
+    color: bool,
+) -> CodeLines {
+    let mut code = String::new();
+    for line in &hunk.lines {
+        let (DiffLine::Context { text, .. }
+        | DiffLine::Removed { text, .. }
+        | DiffLine::Added { text, .. }) = line;
+        code.push_str(text);
+        code.push('\n');
+    }
+    highlighter.highlight_file(path, &code, color)
 }

@@ -1,11 +1,17 @@
-//! The diff pane's lines: files and hunks with line numbers, +/- gutters and syntax
+//! The diff pane: its lines are files and hunks with line numbers, +/- gutters and syntax
 //! highlighting, the selected hunk marked and rejected hunks dimmed.
 
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 
-use super::markdown::{Highlighter, Theme, ThemeColors};
-use super::review::Review;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::widgets::{Block, Paragraph};
+use ratatui::Frame;
+
+use super::super::markdown::{Theme, ThemeColors};
+use super::super::review::Review;
+use super::super::state::{App, Focus};
+use super::style;
 use crate::patch::{ChangeKind, DiffLine, ReviewHunk};
 
 /// Backgrounds of added and removed lines (colour terminals only).
@@ -17,27 +23,8 @@ fn tints(theme: Theme) -> (Color, Color) {
 }
 
 /// The pane's lines and the index of the selected hunk's header among them.
-pub fn diff_lines(
-    review: &mut Review,
-    highlighter: &Highlighter,
-    color: bool,
-) -> (Vec<Line<'static>>, usize) {
-    let theme = highlighter.ui_theme();
-    if review.highlighted.is_none() {
-        let code = review
-            .changes
-            .iter()
-            .flat_map(|change| {
-                change
-                    .hunks
-                    .iter()
-                    .map(|hunk| highlighted(hunk, &change.path, highlighter, color))
-            })
-            .collect();
-        review.highlighted = Some(code);
-    }
-    let review = &*review;
-    let code = review.highlighted.as_deref().unwrap_or_default();
+pub fn diff_lines(review: &Review, theme: Theme, color: bool) -> (Vec<Line<'static>>, usize) {
+    let code = &review.highlighted;
     let fg = |c: Color| {
         if color {
             Style::default().fg(theme.adapt(c))
@@ -87,7 +74,8 @@ pub fn diff_lines(
                 selected_line = lines.len();
             }
             lines.push(hunk_header(hunk, on, selected, color));
-            for (line, spans) in hunk.lines.iter().zip(code[flat].iter().cloned()) {
+            let spans = code.get(flat).map(Vec::as_slice).unwrap_or_default();
+            for (line, spans) in hunk.lines.iter().zip(spans.iter().cloned()) {
                 lines.push(diff_line(line, spans, on, color.then(|| tints(theme))));
             }
             flat += 1;
@@ -150,24 +138,6 @@ fn ranges(hunk: &ReviewHunk) -> (usize, usize, usize, usize) {
     )
 }
 
-/// The hunk's lines highlighted as one run of code in the file's language.
-fn highlighted(
-    hunk: &ReviewHunk,
-    path: &str,
-    highlighter: &Highlighter,
-    color: bool,
-) -> Vec<Vec<Span<'static>>> {
-    let mut code = String::new();
-    for line in &hunk.lines {
-        let (DiffLine::Context { text, .. }
-        | DiffLine::Removed { text, .. }
-        | DiffLine::Added { text, .. }) = line;
-        code.push_str(text);
-        code.push('\n');
-    }
-    highlighter.highlight_file(path, &code, color)
-}
-
 /// One diff line; `tints` (added, removed backgrounds) is `None` without colour.
 fn diff_line(
     line: &DiffLine,
@@ -209,4 +179,57 @@ fn diff_line(
         style = style.add_modifier(Modifier::DIM);
     }
     Line::from(spans).style(style)
+}
+
+/// Chat and diff side by side on wide screens, stacked otherwise; `large` favours the diff.
+pub(super) fn split_for_diff(area: Rect, large: bool) -> (Rect, Rect) {
+    let diff_share = if large { 70 } else { 50 };
+    let constraints = [
+        Constraint::Percentage(100 - diff_share),
+        Constraint::Percentage(diff_share),
+    ];
+    let [chat, diff] = if area.width >= 120 {
+        Layout::horizontal(constraints).areas(area)
+    } else {
+        Layout::vertical(constraints).areas(area)
+    };
+    (chat, diff)
+}
+
+/// Draws the review in `area`, the selected hunk in sight.
+pub(super) fn draw_diff(frame: &mut Frame<'_>, app: &App, area: Rect) {
+    let focused = app.focus == Focus::Diff;
+    let border = if focused {
+        style(app, Color::Cyan)
+    } else {
+        Style::default()
+    };
+    let Some(review) = &app.review else {
+        return;
+    };
+    let title = format!(
+        " edits: {}/{} hunks accepted{} ",
+        review.accepted_count(),
+        review.hunk_count(),
+        if focused {
+            " · Space toggle · a apply · A all · r none · f size"
+        } else {
+            " · Tab to review"
+        }
+    );
+    let block = Block::bordered().title(title).border_style(border);
+    let inner = block.inner(area);
+    let (lines, selected) = diff_lines(review, app.theme, app.color);
+    // Scroll only when the selected hunk's header would be out of sight; then keep it near
+    // the top, with the file header above it when it fits.
+    let height = inner.height as usize;
+    let top = if selected + 4 < height {
+        0
+    } else {
+        selected
+            .saturating_sub(2)
+            .min(lines.len().saturating_sub(height))
+    };
+    let visible: Vec<Line<'static>> = lines.into_iter().skip(top).take(height).collect();
+    frame.render_widget(Paragraph::new(visible).block(block), area);
 }
