@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use plait::config::{AppConfig, DefaultModel};
-use plait::engine::{self, ChatMessage, EngineOptions, GenerateRequest, Generation, StepControl};
+use plait::engine::{
+    self, ChatMessage, Engine, EngineOptions, GenerateRequest, Generation, RemoteBackend,
+    RemoteOptions, StepControl,
+};
 use plait::model::{convert_to_gguf, Quant};
 use plait::model::{DeviceSpec, Placement, PltModel};
 use plait::model::{LoadedModel, Sampler, SamplingParams, TextTokenizer};
@@ -45,6 +48,21 @@ struct TuiArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
+    /// Answer with this OpenAI-compatible server (plait serve, vLLM, llama-server), e.g.
+    /// http://127.0.0.1:8080/v1, instead of a model run here.
+    #[arg(long, value_name = "URL", conflicts_with = "model")]
+    remote: Option<String>,
+    /// The remote server's API key (default: the variable remote.api_key_env names).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "PLAIT_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
+    /// The model to ask the remote server for (default: the first it lists).
+    #[arg(long, value_name = "NAME")]
+    remote_model: Option<String>,
 }
 
 #[derive(Args)]
@@ -1024,15 +1042,37 @@ fn tui(args: TuiArgs) -> Result<()> {
     if let Some(threads) = config.threads {
         set_threads(threads);
     }
-    let model = model_path(args.model.as_deref().or(config.model.as_deref()))?;
-    let options = TuiOptions {
-        engine: EngineOptions {
-            model,
+    // `--remote` first; a `--model` runs here even when the config names a server.
+    let remote_url = args.remote.clone().or_else(|| {
+        args.model
+            .is_none()
+            .then(|| config.remote.url.clone())
+            .flatten()
+    });
+    let backend = match remote_url {
+        Some(url) => {
+            if !plait::config::is_http_url(&url) {
+                bail!("--remote {url:?} is not an http:// or https:// address");
+            }
+            Backend::Remote(remote_options(url, &args, &config)?)
+        }
+        None => Backend::Local(EngineOptions {
+            model: model_path(args.model.as_deref().or(config.model.as_deref()))?,
             loops: args.loops.map(usize::from).or(config.loops),
             context_size: config.context_size,
             device: args.device.device.or(config.device).unwrap_or_default(),
             dtype: args.device.dtype,
             cache_budget: config.cache_budget_mib.map(|mib| mib << 20),
+        }),
+    };
+    let options = TuiOptions {
+        model_name: match &backend {
+            Backend::Local(engine) => engine
+                .model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            Backend::Remote(remote) => remote.url.clone(),
         },
         settings: Settings {
             sampling: config.sampling.clone(),
@@ -1051,6 +1091,44 @@ fn tui(args: TuiArgs) -> Result<()> {
         workspace: std::env::current_dir().context("cannot read the current directory")?,
         state_dir: plait::config::state_dir()?,
     };
-    plait::tui::run(options)?;
+    plait::tui::run(options, move |sink| {
+        Ok(match backend {
+            Backend::Local(engine) => {
+                Box::new(Engine::spawn(engine, sink)?) as Box<dyn plait::engine::Backend>
+            }
+            Backend::Remote(remote) => Box::new(RemoteBackend::spawn(remote, sink)?),
+        })
+    })?;
     Ok(())
+}
+
+/// What the TUI answers with.
+enum Backend {
+    /// The model, run here.
+    Local(EngineOptions),
+    /// An OpenAI-compatible server.
+    Remote(RemoteOptions),
+}
+
+/// The remote client's options: the command line over `[remote]`.
+fn remote_options(url: String, args: &TuiArgs, config: &AppConfig) -> Result<RemoteOptions> {
+    let remote = &config.remote;
+    let api_key = args.api_key.clone().or_else(|| {
+        std::env::var(&remote.api_key_env)
+            .ok()
+            .filter(|key| !key.is_empty())
+    });
+    let extra =
+        match serde_json::to_value(&remote.extra).context("remote.extra cannot be sent as JSON")? {
+            serde_json::Value::Object(fields) => fields,
+            _ => serde_json::Map::new(),
+        };
+    Ok(RemoteOptions {
+        api_key,
+        key_setting: format!("--api-key, PLAIT_API_KEY or ${}", remote.api_key_env),
+        model: args.remote_model.clone().or_else(|| remote.model.clone()),
+        extra,
+        context_size: remote.context_size,
+        ..RemoteOptions::new(url)
+    })
 }

@@ -206,6 +206,47 @@ pub struct AppConfig {
     pub sampling: SamplingConfig,
     /// `plait serve`'s settings.
     pub serve: ServeConfig,
+    /// The server `plait --remote` answers with.
+    pub remote: RemoteConfig,
+}
+
+/// The `[remote]` section: an OpenAI-compatible server the TUI answers with.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// The server's address (with or without `/v1`); `None`: run the model here, unless
+    /// `--remote` gives one.
+    pub url: Option<String>,
+    /// The environment variable that holds the API key (`--api-key` comes first).
+    pub api_key_env: String,
+    /// The model to ask for; `None`: the first the server lists.
+    pub model: Option<String>,
+    /// The context size when the server does not report one.
+    pub context_size: Option<usize>,
+    /// Fields added to every request as they are (vLLM's `top_k`, `chat_template_kwargs`).
+    pub extra: toml::Table,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            api_key_env: "PLAIT_API_KEY".to_owned(),
+            model: None,
+            context_size: None,
+            extra: toml::Table::new(),
+        }
+    }
+}
+
+/// Whether `url` is an http(s) address.
+pub fn is_http_url(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    ["http://", "https://"].iter().any(|scheme| {
+        lower
+            .strip_prefix(scheme)
+            .is_some_and(|rest| !rest.is_empty())
+    })
 }
 
 /// The `[serve]` section: the HTTP server's settings.
@@ -253,6 +294,7 @@ impl Default for AppConfig {
             cache_budget_mib: None,
             sampling: SamplingConfig::default(),
             serve: ServeConfig::default(),
+            remote: RemoteConfig::default(),
         }
     }
 }
@@ -371,6 +413,16 @@ impl AppConfig {
         }
         if self.serve.api_key.as_deref() == Some("") {
             return Err(fail("serve.api_key", "\"\"", "a non-empty key"));
+        }
+        if let Some(url) = self.remote.url.as_deref().filter(|u| !is_http_url(u)) {
+            return Err(fail(
+                "remote.url",
+                format!("{url:?}"),
+                "an http:// or https:// address",
+            ));
+        }
+        if let Some(size) = self.remote.context_size.filter(|&n| n == 0) {
+            return Err(fail("remote.context_size", size, "at least 1"));
         }
         let s = &self.sampling;
         // Written so NaN fails every check (TOML allows `nan`).
@@ -1044,7 +1096,15 @@ mod tests {
                 "config.example.toml lacks `serve.{field}`"
             );
         }
-        assert_eq!(field_names::<AppConfig>().len(), 11);
+        let remote = table["remote"].as_table().unwrap();
+        for field in field_names::<RemoteConfig>() {
+            assert!(
+                remote.contains_key(&field),
+                "config.example.toml lacks `remote.{field}`"
+            );
+        }
+        assert_eq!(field_names::<RemoteConfig>().len(), 5);
+        assert_eq!(field_names::<AppConfig>().len(), 12);
         assert_eq!(field_names::<ServeConfig>().len(), 6);
         assert_eq!(field_names::<SamplingConfig>().len(), 6);
     }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use plait::engine::{
-    ChatMessage, Engine, EngineOptions, Event, FailureKind, GenerateJob, Prompt, Request,
-    RequestId, SamplingParams, StopReason, TurnStats,
+    ChatMessage, Engine, EngineOptions, Event, FailureKind, GenerateJob, Request, RequestId,
+    StopReason, TurnStats,
 };
 use plait::model::{DeviceSpec, LoadedModel};
 
@@ -75,18 +75,11 @@ fn until_done_with_id(rx: &mpsc::Receiver<Event>) -> (Vec<Event>, RequestId, Tur
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn job(messages: &[ChatMessage], max_tokens: usize) -> GenerateJob {
-    GenerateJob {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        prompt: Prompt::Chat {
-            messages: messages.to_vec(),
-            drop_oldest: true,
-            tools: Vec::new(),
-        },
-        sampling: SamplingParams::default(),
-        max_tokens: Some(max_tokens),
-        loops: None,
-        cache_key: None,
-    }
+    chat_job(
+        NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        messages,
+        max_tokens,
+    )
 }
 
 fn ask(messages: &[ChatMessage], max_tokens: usize) -> Request {

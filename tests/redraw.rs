@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use crossterm::event::{KeyCode, KeyEvent};
-use plait::engine::{Event, ModelInfo, SamplingParams, StopReason, TurnStats};
+use plait::engine::{Event, LoopControl, ModelInfo, SamplingParams, StopReason, TurnStats};
 use plait::tui::{update, App, AppEvent, Settings};
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
@@ -100,6 +100,8 @@ fn measure(messages: usize) {
             window: 4,
             context_size: 1 << 20,
             supports_tools: false,
+            loop_control: LoopControl::Live,
+            server: None,
         })),
     );
     update(

@@ -360,6 +360,8 @@ impl Scripted {
                 window: 0,
                 context_size: 8192,
                 supports_tools: false,
+                loop_control: plait::engine::LoopControl::Live,
+                server: None,
             }));
             while let Ok(request) = inbox.recv() {
                 match request {
@@ -395,7 +397,7 @@ impl Scripted {
                         sink(Event::LoopsChanged(loops));
                     }
                     Request::Reset => sink(Event::ResetDone),
-                    Request::Cancel(_) => {}
+                    Request::Cancel(_) | Request::Tokenize(_) => {}
                     Request::Shutdown => return,
                 }
             }
@@ -411,14 +413,7 @@ impl Scripted {
 fn scripted_tui_child() {
     let reply = std::env::var(SCRIPTED).expect("run by tui_applies_an_inferred_edit_and_undoes_it");
     let options = plait::tui::TuiOptions {
-        engine: plait::engine::EngineOptions {
-            model: "scripted".into(),
-            loops: None,
-            context_size: None,
-            device: Default::default(),
-            dtype: None,
-            cache_budget: None,
-        },
+        model_name: "scripted".into(),
         settings: plait::tui::Settings {
             sampling: Default::default(),
             max_tokens: 512,
@@ -429,7 +424,7 @@ fn scripted_tui_child() {
         workspace: std::env::current_dir().unwrap(),
         state_dir: plait::config::state_dir().unwrap(),
     };
-    plait::tui::run_with(options, move |sink| {
+    plait::tui::run(options, move |sink| {
         Ok(Box::new(Scripted::start(sink, reply)) as Box<dyn plait::engine::Backend>)
     })
     .unwrap();

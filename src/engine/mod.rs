@@ -7,6 +7,7 @@ mod conversation;
 mod generate;
 mod metrics;
 mod protocol;
+mod remote;
 mod score;
 mod worker;
 
@@ -15,15 +16,19 @@ pub use bench::{
     LoopBench,
 };
 pub use caches::default_cache_budget;
-pub use conversation::{conversation_prompt, raw_prompt, ConversationPrompt};
+pub use conversation::{
+    answer_room, conversation_prompt, encode_conversation, raw_prompt, ConversationPrompt,
+    DropOrder,
+};
 pub use generate::{
     generate, GenerateRequest, Generation, GenerationObserver, StepControl, StopReason,
 };
 pub use metrics::GenerationMetrics;
 pub use protocol::{
-    Backend, ChatMessage, Event, EventSink, FailureKind, GenerateJob, ModelInfo, Prompt, Request,
-    RequestId, SamplingParams, TurnStats, MAX_LOOPS,
+    Backend, ChatMessage, Event, EventSink, FailureKind, GenerateJob, LoopControl, ModelInfo,
+    Prompt, Request, RequestId, SamplingParams, TokenizeJob, TurnStats, MAX_LOOPS,
 };
+pub use remote::{RemoteBackend, RemoteOptions};
 pub use score::{
     score, score_incremental, Comparison, IncrementalScore, Score, LOGPROB_ERROR_FLOOR,
 };

@@ -122,11 +122,22 @@ pub struct GenerateJob {
     pub cache_key: Option<String>,
 }
 
+/// A prompt to count: its token ids as a generation would see them, unfitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizeJob {
+    /// Comes back on the answer.
+    pub id: RequestId,
+    /// What to encode.
+    pub prompt: Prompt,
+}
+
 /// What a front end asks of the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// Run a generation; requests queue in order behind the one running.
     Generate(GenerateJob),
+    /// Encode a prompt (answered with `Event::Tokenized`), in order with generations.
+    Tokenize(TokenizeJob),
     /// Stop this request: at its next step when running, at once when queued.
     Cancel(RequestId),
     /// Run with this many loops from the next decode step, and for later requests.
@@ -146,6 +157,17 @@ pub trait Backend {
 
 /// Where a backend reports its events.
 pub type EventSink = Box<dyn Fn(Event) + Send>;
+
+/// How a running count of loops can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopControl {
+    /// From the next decode step, even mid-answer (the local engine).
+    Live,
+    /// From the next request (a plait server: its `plait.loops` field).
+    NextRequest,
+    /// Not at all: the server fixes it (vLLM, llama.cpp's server).
+    Fixed,
+}
 
 /// Facts about the loaded model, for the status line and `/model`.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,6 +190,10 @@ pub struct ModelInfo {
     pub context_size: usize,
     /// Whether the chat template renders tools (and the model may answer with calls).
     pub supports_tools: bool,
+    /// How the loop count can change.
+    pub loop_control: LoopControl,
+    /// The server that runs it (host and port), when it is not this process.
+    pub server: Option<String>,
 }
 
 /// Why a request failed.
@@ -179,6 +205,12 @@ pub enum FailureKind {
     InvalidRequest,
     /// The model failed while running.
     Internal,
+    /// The server refused the credentials (401 or 403).
+    Unauthorized,
+    /// The server could not serve it (5xx after the retries, or unreachable).
+    Unavailable,
+    /// The answer's stream stopped before its end; what came stays.
+    Interrupted,
 }
 
 /// What the engine tells the front end.
@@ -239,6 +271,24 @@ pub enum Event {
     },
     /// Something not tied to a request failed (a loop change).
     Error(String),
+    /// Something worth showing that is not a failure (a retry, a fallback).
+    Notice(String),
+    /// The backend cannot serve yet (a server not reachable); it keeps trying.
+    Unavailable(String),
+    /// Reasoning text of the answer (a thinking model's), before or between its text.
+    Reasoning {
+        /// The request.
+        id: RequestId,
+        /// The text.
+        text: String,
+    },
+    /// A prompt's token ids.
+    Tokenized {
+        /// The request.
+        id: RequestId,
+        /// The ids.
+        ids: Vec<u32>,
+    },
 }
 
 /// Figures of one answered turn.

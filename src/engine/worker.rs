@@ -11,10 +11,13 @@ use candle_core::DType;
 use crate::model::{DeviceSpec, LoadedModel, ModelError, Placement, Sampler, TextStream};
 
 use super::caches::{default_cache_budget, CachePool};
-use super::conversation::{conversation_prompt, raw_prompt, ConversationPrompt};
+use super::conversation::{
+    conversation_prompt, encode_conversation, raw_prompt, ConversationPrompt,
+};
 use super::generate::{generate, GenerateRequest, GenerationObserver, StepControl};
 use super::protocol::{
-    Backend, Event, FailureKind, GenerateJob, ModelInfo, Prompt, Request, RequestId, TurnStats,
+    Backend, Event, FailureKind, GenerateJob, LoopControl, ModelInfo, Prompt, Request, RequestId,
+    TurnStats,
 };
 
 /// How the worker starts.
@@ -96,6 +99,8 @@ fn model_info(loaded: &LoadedModel, options: &EngineOptions, loops: usize) -> Mo
         window: c.plt_window,
         context_size: context_size(loaded, options),
         supports_tools: loaded.template.supports_tools(),
+        loop_control: LoopControl::Live,
+        server: None,
     }
 }
 
@@ -173,6 +178,17 @@ impl Worker<'_> {
                     let arrived = self.answer(job);
                     pending.extend(arrived);
                 }
+                Request::Tokenize(job) => match self.encode(&job.prompt) {
+                    Ok(ids) => (self.sink)(Event::Tokenized { id: job.id, ids }),
+                    Err(e) => {
+                        let (kind, message) = failure(e);
+                        (self.sink)(Event::Failed {
+                            id: job.id,
+                            kind,
+                            message,
+                        });
+                    }
+                },
                 // The kept caches change when next used.
                 Request::SetLoops(n) => match self.loaded.model.check_loops(n) {
                     Ok(()) => {
@@ -285,14 +301,27 @@ impl Worker<'_> {
         Ok(())
     }
 
+    fn tokenizer(&self) -> crate::model::Result<&crate::model::TextTokenizer> {
+        self.loaded
+            .tokenizer
+            .as_ref()
+            .ok_or(ModelError::Encode("the model has no tokenizer".into()))
+    }
+
+    /// A prompt's ids as a generation would encode them, not fitted to the context.
+    fn encode(&self, prompt: &Prompt) -> crate::model::Result<Vec<u32>> {
+        match prompt {
+            Prompt::Chat {
+                messages, tools, ..
+            } => encode_conversation(&self.loaded, self.tokenizer()?, messages, tools),
+            Prompt::Text(text) => self.tokenizer()?.encode(text, true),
+            Prompt::Ids(ids) => Ok(ids.clone()),
+        }
+    }
+
     /// The job's prompt ids, fitted to the context.
     fn prompt(&self, job: &GenerateJob) -> crate::model::Result<ConversationPrompt> {
-        let tokenizer = || {
-            self.loaded
-                .tokenizer
-                .as_ref()
-                .ok_or(ModelError::Encode("the model has no tokenizer".into()))
-        };
+        let tokenizer = || self.tokenizer();
         match &job.prompt {
             Prompt::Chat {
                 messages,

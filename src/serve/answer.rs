@@ -118,7 +118,8 @@ impl Answer {
     }
 }
 
-fn engine_gone() -> ApiError {
+/// The error when the engine's worker has gone away.
+pub fn engine_gone() -> ApiError {
     ApiError::new(
         axum::http::StatusCode::INTERNAL_SERVER_ERROR,
         "server_error",

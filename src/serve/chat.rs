@@ -9,9 +9,9 @@ use futures_util::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::engine::{ChatMessage, GenerateJob, Prompt, TurnStats};
+use crate::engine::{ChatMessage, Event, GenerateJob, Prompt, TurnStats};
 
-use super::answer::{Answer, Step};
+use super::answer::{engine_gone, Answer, Step};
 use super::openai::{
     finish_reason, fresh_id, max_tokens, now, parse, plait_extension, stop_strings, timings,
     ApiError, Common,
@@ -114,12 +114,11 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-fn chat_messages(request: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
-    if request.messages.is_empty() {
+fn chat_messages(messages: &[InMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
-    request
-        .messages
+    messages
         .iter()
         .enumerate()
         .map(|(i, m)| {
@@ -236,7 +235,7 @@ pub async fn chat_completions(server: Arc<Server>, body: Value) -> Result<Respon
     let model = server.model_id()?;
     let request: ChatRequest = parse(&body)?;
     let common = Common::from_body(&body)?;
-    let messages = chat_messages(&request)?;
+    let messages = chat_messages(&request.messages)?;
     let max = max_tokens(&body, &["max_completion_tokens", "max_tokens"])?;
     let stops = stop_strings(&body)?;
     let tools = server.tools(&body);
@@ -401,5 +400,66 @@ fn completion_prompt(body: &Value) -> Result<Prompt, ApiError> {
         },
         None | Some(Value::Null) => Err(ApiError::invalid("prompt", "prompt is required")),
         Some(_) => Err(bad()),
+    }
+}
+
+/// `POST /tokenize`: what a prompt encodes to, as vLLM's and llama.cpp's servers answer it,
+/// so a client can fit a conversation to the context with the model's own tokenizer.
+#[derive(Debug, Deserialize)]
+struct TokenizeRequest {
+    #[serde(default)]
+    model: Option<String>,
+    /// A conversation, rendered with the chat template (vLLM's form).
+    #[serde(default)]
+    messages: Option<Vec<InMessage>>,
+    /// Text, encoded with the tokenizer's special prefix (vLLM's form).
+    #[serde(default)]
+    prompt: Option<String>,
+    /// Text (llama.cpp's form).
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// Answers `POST /tokenize` with the ids, their count and the context size.
+pub async fn tokenize(server: Arc<Server>, body: Value) -> Result<Response, ApiError> {
+    let model = server.model_id()?;
+    let request: TokenizeRequest = parse(&body)?;
+    if let Some(asked) = request.model.as_deref().filter(|asked| *asked != model) {
+        return Err(ApiError::invalid(
+            "model",
+            format!("this server serves {model}, not {asked}"),
+        ));
+    }
+    let prompt = match (&request.messages, request.prompt.or(request.content)) {
+        (Some(messages), None) => Prompt::Chat {
+            messages: chat_messages(messages)?,
+            drop_oldest: false,
+            tools: Vec::new(),
+        },
+        (None, Some(text)) => Prompt::Text(text),
+        _ => {
+            return Err(ApiError::invalid(
+                "messages",
+                "give either messages or prompt (or content)",
+            ))
+        }
+    };
+    let mut ticket = server.hub.tokenize(prompt)?;
+    loop {
+        match ticket.next().await {
+            Some(Event::Tokenized { ids, .. }) => {
+                return Ok(axum::Json(json!({
+                    "count": ids.len(),
+                    "max_model_len": server.context_size(),
+                    "tokens": ids,
+                }))
+                .into_response())
+            }
+            Some(Event::Failed { kind, message, .. }) => {
+                return Err(ApiError::from_failure(kind, message, "messages"))
+            }
+            Some(_) => {}
+            None => return Err(engine_gone()),
+        }
     }
 }

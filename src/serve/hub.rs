@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::engine::{Backend, Event, GenerateJob, ModelInfo, Request, RequestId};
+use crate::engine::{
+    Backend, Event, GenerateJob, ModelInfo, Prompt, Request, RequestId, TokenizeJob,
+};
 
 use super::metrics::Metrics;
 
@@ -72,8 +74,10 @@ impl Routes {
             | Event::PrefillProgress { id, .. }
             | Event::Token { id, .. }
             | Event::Done { id, .. }
-            | Event::Failed { id, .. } => *id,
-            Event::ResetDone | Event::Error(_) => return,
+            | Event::Failed { id, .. }
+            | Event::Reasoning { id, .. }
+            | Event::Tokenized { id, .. } => *id,
+            Event::ResetDone | Event::Error(_) | Event::Notice(_) | Event::Unavailable(_) => return,
         };
         let channels = lock(&self.channels);
         if let Some(channel) = channels.get(&id) {
@@ -129,6 +133,19 @@ impl Hub {
 
     /// Queues `job` (its id is assigned here) unless the queue is full.
     pub fn submit(self: &Arc<Self>, mut job: GenerateJob) -> Result<Ticket, Refusal> {
+        self.admit(move |id| {
+            job.id = id;
+            Request::Generate(job)
+        })
+    }
+
+    /// Queues the encoding of `prompt` unless the queue is full; it ends with `Tokenized`.
+    pub fn tokenize(self: &Arc<Self>, prompt: Prompt) -> Result<Ticket, Refusal> {
+        self.admit(move |id| Request::Tokenize(TokenizeJob { id, prompt }))
+    }
+
+    /// Admits the request `make` builds for a fresh id, unless the queue is full.
+    fn admit(self: &Arc<Self>, make: impl FnOnce(RequestId) -> Request) -> Result<Ticket, Refusal> {
         if self.closing.load(Ordering::SeqCst) {
             return Err(Refusal::Closing);
         }
@@ -138,11 +155,10 @@ impl Hub {
             })
             .map_err(|_| Refusal::Busy)?;
         self.routes.metrics.set_queue(self.queued());
-        job.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, events) = unbounded_channel();
-        lock(&self.routes.channels).insert(job.id, sender);
-        let id = job.id;
-        self.backend.send(Request::Generate(job));
+        lock(&self.routes.channels).insert(id, sender);
+        self.backend.send(make(id));
         Ok(Ticket {
             id,
             events,
@@ -176,7 +192,7 @@ impl Ticket {
         let event = self.events.recv().await;
         if matches!(
             event,
-            None | Some(Event::Done { .. } | Event::Failed { .. })
+            None | Some(Event::Done { .. } | Event::Failed { .. } | Event::Tokenized { .. })
         ) {
             self.finished = true;
         }

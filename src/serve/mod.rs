@@ -101,6 +101,14 @@ impl Server {
 }
 
 impl Server {
+    /// The served model's context size (0 until it has loaded).
+    fn context_size(&self) -> usize {
+        match self.hub.routes.status() {
+            ModelStatus::Ready(info) => info.context_size,
+            _ => 0,
+        }
+    }
+
     /// The function tools `body` offers, when the model's template renders them (else none:
     /// the model answers in text).
     fn tools(&self, body: &Value) -> Vec<Value> {
@@ -199,6 +207,13 @@ async fn responses(
     responses::responses(server, body_json(body)?).await
 }
 
+async fn tokenize(
+    State(server): State<Arc<Server>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    chat::tokenize(server, body_json(body)?).await
+}
+
 async fn models(State(server): State<Arc<Server>>) -> Result<Response, ApiError> {
     server.model_id()?;
     let ModelStatus::Ready(info) = server.hub.routes.status() else {
@@ -280,6 +295,7 @@ fn router(server: Arc<Server>, options: &ServeOptions) -> Result<Router, ServeEr
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(responses))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
         .route("/health", get(health))
         .route("/metrics", get(prometheus))
         .fallback(not_found)

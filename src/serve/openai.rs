@@ -73,7 +73,20 @@ impl ApiError {
                 ..Self::invalid(prompt_param, message)
             },
             FailureKind::InvalidRequest => Self::invalid(prompt_param, message),
-            FailureKind::Internal => Self::new(
+            // A local engine fails only as above; a relayed backend may fail these ways.
+            FailureKind::Unauthorized => Self::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                message,
+            ),
+            FailureKind::Unavailable => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                message,
+            ),
+            FailureKind::Internal | FailureKind::Interrupted => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 None,

@@ -22,6 +22,8 @@ pub struct Look {
     pub color: bool,
     /// Light or dark background.
     pub theme: Theme,
+    /// Whether answers show their reasoning in full.
+    pub reasoning: bool,
 }
 
 impl Look {
@@ -181,6 +183,8 @@ pub enum AnswerStatus {
     Cancelled,
     /// Ended by an error.
     Failed,
+    /// Its stream stopped before the end; the text so far stays.
+    Interrupted,
 }
 
 /// A streaming answer's completed top-level block: what it was drawn from (width, colour,
@@ -191,6 +195,8 @@ type Block = ((Look, String), Lines);
 #[derive(Debug, Clone)]
 pub struct AnswerCell {
     text: String,
+    /// A thinking model's reasoning, streamed before (or between) the text.
+    reasoning: String,
     status: AnswerStatus,
     cache: LineCache,
     /// While streaming: the lines of the blocks before the growing one, in order.
@@ -207,6 +213,7 @@ impl AnswerCell {
     pub fn with_status(text: String, status: AnswerStatus) -> Self {
         Self {
             text,
+            reasoning: String::new(),
             status,
             cache: LineCache::default(),
             blocks: RefCell::default(),
@@ -229,6 +236,17 @@ impl AnswerCell {
         self.cache.clear();
     }
 
+    /// Its reasoning so far.
+    pub fn reasoning(&self) -> &str {
+        &self.reasoning
+    }
+
+    /// Appends streamed reasoning.
+    pub fn push_reasoning(&mut self, text: &str) {
+        self.reasoning.push_str(text);
+        self.cache.clear();
+    }
+
     /// Ends it (or marks it again) with `status`.
     pub fn set_status(&mut self, status: AnswerStatus) {
         self.status = status;
@@ -246,6 +264,9 @@ impl AnswerCell {
                 header.push(Span::styled(" (cancelled)", look.fg(Color::Yellow)))
             }
             AnswerStatus::Failed => header.push(Span::styled(" (failed)", look.fg(Color::Red))),
+            AnswerStatus::Interrupted => {
+                header.push(Span::styled(" (interrupted)", look.fg(Color::Red)))
+            }
             AnswerStatus::Streaming if self.text.is_empty() => header.push(Span::raw(" …")),
             _ => {}
         }
@@ -284,10 +305,52 @@ impl AnswerCell {
     }
 }
 
+impl AnswerCell {
+    /// The reasoning, dimmed: in full when the look shows it, else one line that says so.
+    fn reasoning_lines(&self, look: Look) -> Vec<Line<'static>> {
+        let reasoning = self.reasoning.trim();
+        if reasoning.is_empty() {
+            return Vec::new();
+        }
+        let dim = look.fg(Color::DarkGray).add_modifier(Modifier::ITALIC);
+        if !look.reasoning {
+            let lines = reasoning.lines().count();
+            let what = if self.status == AnswerStatus::Streaming && self.text.is_empty() {
+                "thinking"
+            } else {
+                "thought"
+            };
+            return vec![Line::styled(
+                format!(
+                    "▸ {what} ({lines} line{}; Ctrl+R shows)",
+                    if lines == 1 { "" } else { "s" }
+                ),
+                dim,
+            )];
+        }
+        let inner = Look {
+            width: look.width.saturating_sub(2).max(1),
+            ..look
+        };
+        let mut lines = vec![Line::styled("▾ reasoning (Ctrl+R hides)", dim)];
+        for line in inner.markdown(reasoning) {
+            let mut spans = vec![Span::styled("│ ", dim)];
+            spans.extend(
+                line.spans
+                    .into_iter()
+                    .map(|span| Span::styled(span.content, dim)),
+            );
+            lines.push(Line::from(spans));
+        }
+        lines
+    }
+}
+
 impl HistoryCell for AnswerCell {
     fn display_lines(&self, look: Look) -> Lines {
         self.cache.get(look, || {
             let mut lines = vec![self.header(look)];
+            lines.extend(self.reasoning_lines(look));
             if self.status == AnswerStatus::Streaming {
                 lines.extend(self.streaming_markdown(look));
             } else {

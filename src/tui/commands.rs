@@ -7,6 +7,7 @@ use crate::engine::{Request, MAX_LOOPS};
 use super::edits::apply_accepted;
 use super::state::{App, Effect, Focus};
 use super::turns::retry;
+use super::update::set_loops;
 
 /// What a command does, given the app, its argument (trimmed, maybe empty) and whether a
 /// deletion waits for this action to confirm it.
@@ -168,14 +169,7 @@ pub fn run_command(app: &mut App, line: &str, confirming: bool) -> Vec<Effect> {
 
 fn loops(app: &mut App, arg: &str, _: bool) -> Vec<Effect> {
     match arg.parse::<usize>() {
-        Ok(n) if (1..=MAX_LOOPS).contains(&n) => {
-            if app.model_info.is_none() {
-                app.notice("the model is not loaded yet");
-                return Vec::new();
-            }
-            app.readout.loops = n;
-            vec![Effect::Send(Request::SetLoops(n))]
-        }
+        Ok(n) if (1..=MAX_LOOPS).contains(&n) => set_loops(app, n),
         _ => {
             app.notice(format!(
                 "/loops takes a number from 1 to {MAX_LOOPS}, not `{arg}`"

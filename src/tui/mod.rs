@@ -26,7 +26,7 @@ use crossterm::execute;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::engine::{Backend, Engine, EngineOptions, EventSink, Request};
+use crate::engine::{Backend, EventSink, Request};
 use crate::patch::{apply_reviewed, prepare, Edit, FileChange, Journal, PatchError};
 pub use state::{App, AppEvent, Effect, Settings};
 pub use update::update;
@@ -37,8 +37,8 @@ pub const DEFAULT_SYSTEM_PROMPT: &str = include_str!("../../assets/system-prompt
 /// What the TUI starts with.
 #[derive(Debug, Clone)]
 pub struct TuiOptions {
-    /// The model to load.
-    pub engine: EngineOptions,
+    /// What the status line names until the backend says what it runs.
+    pub model_name: String,
     /// Request settings.
     pub settings: Settings,
     /// Whether colours are allowed (false under NO_COLOR).
@@ -51,17 +51,9 @@ pub struct TuiOptions {
     pub state_dir: PathBuf,
 }
 
-/// Runs the TUI on the local engine until the user quits; the terminal is restored on every
-/// way out.
-pub fn run(options: TuiOptions) -> std::io::Result<()> {
-    let engine = options.engine.clone();
-    run_with(options, move |sink| {
-        Ok(Box::new(Engine::spawn(engine, sink)?) as Box<dyn Backend>)
-    })
-}
-
-/// [`run`] on the backend `start` returns, given the sink for its events.
-pub fn run_with(
+/// Runs the TUI on the backend `start` returns, given the sink for its events, until the
+/// user quits; the terminal is restored on every way out.
+pub fn run(
     options: TuiOptions,
     start: impl FnOnce(EventSink) -> std::io::Result<Box<dyn Backend>>,
 ) -> std::io::Result<()> {
@@ -76,13 +68,7 @@ async fn event_loop(
     start: impl FnOnce(EventSink) -> std::io::Result<Box<dyn Backend>>,
 ) -> std::io::Result<()> {
     let (engine_tx, mut engine_rx) = mpsc::unbounded_channel();
-    let name = options
-        .engine
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut app = App::new(&name, options.settings, options.color);
+    let mut app = App::new(&options.model_name, options.settings, options.color);
     app.theme = options.theme;
     let files = Files {
         root: options.workspace,

@@ -27,6 +27,8 @@ pub enum EngineState {
     Loading(f32),
     /// Loading failed.
     Failed,
+    /// The backend cannot be reached yet; it keeps trying.
+    Offline,
     /// Ready.
     Idle,
     /// Computing the prompt (fraction done).
@@ -133,6 +135,8 @@ pub struct App {
     pub(super) edit_retries: usize,
     /// Whether an apply that deletes files waits for a second `a` or `/apply`.
     pub(super) confirm_delete: bool,
+    /// Whether answers show their reasoning in full (otherwise one line says it is there).
+    pub show_reasoning: bool,
 }
 
 /// What happened: a key, paste, mouse wheel, resize, an engine event, or a file read.
@@ -260,6 +264,7 @@ impl App {
             edits_seen: 0,
             edit_retries: 0,
             confirm_delete: false,
+            show_reasoning: false,
         }
     }
 
@@ -277,6 +282,7 @@ impl App {
             width,
             color: self.color,
             theme: self.theme,
+            reasoning: self.show_reasoning,
         }
     }
 

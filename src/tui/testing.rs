@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
-use crate::engine::{Event as EngineEvent, ModelInfo, SamplingParams, StopReason, TurnStats};
+use crate::engine::{
+    Event as EngineEvent, LoopControl, ModelInfo, SamplingParams, StopReason, TurnStats,
+};
 
 use super::state::{App, AppEvent, Effect, Settings};
 use super::update::update;
@@ -34,6 +36,8 @@ pub fn loaded_app() -> App {
             window: 4,
             context_size: 4096,
             supports_tools: false,
+            loop_control: LoopControl::Live,
+            server: None,
         })),
     );
     app
@@ -165,3 +169,20 @@ pub const EDIT_ANSWER: &[&str] = &[
     "hello.py\n```python\n<<<<<<< SEARCH\ndef bye():\n    pass\n=======\n",
     "def bye():\n    print(\"Bye\")\n>>>>>>> REPLACE\n```\n",
 ];
+
+/// What a remote backend reports for a model served by `gpu-box:8000`.
+pub fn remote_info(loop_control: LoopControl) -> ModelInfo {
+    ModelInfo {
+        name: "loopcoder".into(),
+        path: "http://gpu-box:8000/v1".into(),
+        parameters: 0,
+        quantization: "unknown".into(),
+        trained_loops: 1,
+        loops: 1,
+        window: 0,
+        context_size: 32768,
+        supports_tools: false,
+        loop_control,
+        server: Some("gpu-box:8000".into()),
+    }
+}

@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::engine::{Event as EngineEvent, GenerateJob, Prompt, Request, StopReason, TurnStats};
+use crate::engine::{
+    Event as EngineEvent, FailureKind, GenerateJob, Prompt, Request, StopReason, TurnStats,
+};
 use crate::patch::content_hash;
 
 use super::cells::{AnswerCell, AnswerStatus, Cell, UserCell};
@@ -150,13 +152,20 @@ fn streaming_answer(app: &mut App) -> Option<&mut AnswerCell> {
 
 /// What the engine reported: loading, the answer's tokens and its end, failures.
 pub(super) fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
+    let event_kind = match &event {
+        EngineEvent::Failed { kind, .. } => Some(*kind),
+        _ => None,
+    };
     let r = &mut app.readout;
     match event {
         EngineEvent::Started { .. } => {}
         EngineEvent::Loading(p) => r.state = EngineState::Loading(p),
         EngineEvent::Loaded(info) => {
             r.state = EngineState::Idle;
-            r.model = info.name.clone();
+            r.model = match &info.server {
+                Some(server) => format!("{} @ {server}", info.name),
+                None => info.name.clone(),
+            };
             r.loops = info.loops;
             r.trained_loops = info.trained_loops;
             r.context_size = info.context_size;
@@ -166,6 +175,21 @@ pub(super) fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
             r.state = EngineState::Failed;
             app.error(message);
         }
+        EngineEvent::Unavailable(message) => {
+            // Said once when the backend goes away, not at every retry.
+            if r.state != EngineState::Offline {
+                r.state = EngineState::Offline;
+                app.error(message);
+            }
+        }
+        EngineEvent::Notice(text) => app.notice(text),
+        EngineEvent::Reasoning { text, .. } => {
+            r.state = EngineState::Generating;
+            if let Some(answer) = streaming_answer(app) {
+                answer.push_reasoning(&text);
+            }
+        }
+        EngineEvent::Tokenized { .. } => {}
         EngineEvent::PrefillProgress { done, total, .. } => {
             if matches!(r.state, EngineState::Prefill(_)) {
                 r.state = EngineState::Prefill(done as f32 / total.max(1) as f32);
@@ -204,8 +228,12 @@ pub(super) fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
         }
         EngineEvent::ResetDone => app.notice("new conversation"),
         EngineEvent::Error(message) | EngineEvent::Failed { message, .. } => {
+            let status = match event_kind {
+                Some(FailureKind::Interrupted) => AnswerStatus::Interrupted,
+                _ => AnswerStatus::Failed,
+            };
             if let Some(answer) = streaming_answer(app) {
-                answer.set_status(AnswerStatus::Failed);
+                answer.set_status(status);
             }
             if app.busy() {
                 app.readout.state = EngineState::Idle;
@@ -251,8 +279,11 @@ mod tests {
 
     use super::*;
     use crate::engine::ChatMessage;
+    use crate::tui::state::App;
     use crate::tui::state::AppEvent;
-    use crate::tui::testing::{done, key, last_notice, loaded_app, token, type_text, with};
+    use crate::tui::testing::{
+        done, key, last_notice, loaded_app, remote_info, token, type_text, with,
+    };
     use crate::tui::update::update;
 
     #[test]
@@ -361,5 +392,104 @@ mod tests {
         );
         assert!(effects.is_empty());
         assert!(last_notice(&app).contains("cannot attach @nope.rs: not found"));
+    }
+
+    #[test]
+    fn a_server_that_is_down_is_said_once_and_named_when_it_answers() {
+        let mut app = App::new("http://gpu-box:8000/v1", loaded_app().settings, true);
+        for _ in 0..3 {
+            update(
+                &mut app,
+                AppEvent::Engine(EngineEvent::Unavailable("cannot reach gpu-box".into())),
+            );
+        }
+        assert_eq!(app.readout.state, EngineState::Offline);
+        assert_eq!(app.cells.len(), 1);
+        assert_eq!(last_notice(&app), "error: cannot reach gpu-box");
+        update(
+            &mut app,
+            AppEvent::Engine(EngineEvent::Loaded(remote_info(
+                crate::engine::LoopControl::Fixed,
+            ))),
+        );
+        assert_eq!(app.readout.state, EngineState::Idle);
+        assert_eq!(app.readout.model, "loopcoder @ gpu-box:8000");
+    }
+
+    #[test]
+    fn an_interrupted_answer_keeps_its_text_and_retry_asks_again() {
+        let mut app = loaded_app();
+        type_text(&mut app, "hi");
+        update(&mut app, key(KeyCode::Enter));
+        update(&mut app, token("partial", 10));
+        update(
+            &mut app,
+            AppEvent::Engine(EngineEvent::Failed {
+                id: 1,
+                kind: FailureKind::Interrupted,
+                message: "the answer's stream stopped before its end".into(),
+            }),
+        );
+        let answer = app.cells[1].answer().unwrap();
+        assert_eq!(answer.status(), AnswerStatus::Interrupted);
+        assert_eq!(answer.text(), "partial");
+        assert!(!app.busy());
+        type_text(&mut app, "/retry");
+        let effects = update(&mut app, key(KeyCode::Enter));
+        assert!(
+            matches!(effects.as_slice(), [Effect::Send(Request::Generate(_))]),
+            "{effects:?}"
+        );
+    }
+
+    #[test]
+    fn reasoning_streams_into_the_answer_apart_from_its_text() {
+        let mut app = loaded_app();
+        type_text(&mut app, "hi");
+        update(&mut app, key(KeyCode::Enter));
+        for text in ["Think", "ing."] {
+            update(
+                &mut app,
+                AppEvent::Engine(EngineEvent::Reasoning {
+                    id: 1,
+                    text: text.into(),
+                }),
+            );
+        }
+        update(&mut app, token("Answer.", 10));
+        let answer = app.cells[1].answer().unwrap();
+        assert_eq!(
+            (answer.reasoning(), answer.text()),
+            ("Thinking.", "Answer.")
+        );
+        // The conversation sent back holds the answer, not the reasoning.
+        update(&mut app, done(StopReason::Eos));
+        assert_eq!(app.messages()[1], ChatMessage::new("assistant", "Answer."));
+    }
+
+    #[test]
+    fn loop_keys_say_when_the_server_fixes_the_count_or_it_waits_for_the_next_answer() {
+        use crate::engine::LoopControl;
+        let mut app = loaded_app();
+        update(
+            &mut app,
+            AppEvent::Engine(EngineEvent::Loaded(remote_info(LoopControl::Fixed))),
+        );
+        assert!(update(&mut app, key(KeyCode::F(3))).is_empty());
+        assert!(last_notice(&app).contains("the server fixes the loop count"));
+        type_text(&mut app, "/loops 2");
+        assert!(update(&mut app, key(KeyCode::Enter)).is_empty());
+        assert_eq!(app.readout.loops, 1);
+        update(
+            &mut app,
+            AppEvent::Engine(EngineEvent::Loaded(remote_info(LoopControl::NextRequest))),
+        );
+        type_text(&mut app, "hi");
+        update(&mut app, key(KeyCode::Enter));
+        assert_eq!(
+            update(&mut app, key(KeyCode::F(3))),
+            vec![Effect::Send(Request::SetLoops(2))]
+        );
+        assert!(last_notice(&app).contains("2 loops from the next answer"));
     }
 }

@@ -3,7 +3,7 @@
 
 use crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseEventKind};
 
-use crate::engine::{Request, MAX_LOOPS};
+use crate::engine::{LoopControl, Request, MAX_LOOPS};
 
 use super::edits::{edits_prepared, on_diff_key, refresh_files};
 use super::state::{App, AppEvent, Effect, Focus};
@@ -21,6 +21,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("Alt+Up, F3", "one more loop (up to 8), from the next token"),
     ("Alt+Down, F2", "one loop fewer (down to 1)"),
     ("Esc", "cancel the answer / close this help"),
+    ("Ctrl+R", "show or hide the answers' reasoning"),
     ("Ctrl+C", "cancel; when idle, press twice to quit"),
     ("PgUp / PgDn, wheel", "scroll the chat"),
     ("Home / End", "top / bottom of the chat (empty input)"),
@@ -153,11 +154,30 @@ fn scroll_to_top(app: &mut App) {
 
 fn change_loops(app: &mut App, delta: i32) -> Vec<Effect> {
     let next = (app.readout.loops as i32 + delta).clamp(1, MAX_LOOPS as i32) as usize;
-    if next == app.readout.loops || app.model_info.is_none() {
+    if next == app.readout.loops && app.model_info.is_some() {
         return Vec::new();
     }
-    app.readout.loops = next;
-    vec![Effect::Send(Request::SetLoops(next))]
+    set_loops(app, next)
+}
+
+/// Asks for `loops` loops from now on, as far as the backend lets the count change.
+pub(super) fn set_loops(app: &mut App, loops: usize) -> Vec<Effect> {
+    let Some(info) = &app.model_info else {
+        app.notice("the model is not loaded yet");
+        return Vec::new();
+    };
+    match info.loop_control {
+        LoopControl::Fixed => {
+            app.notice("the server fixes the loop count: it runs the count it was started with");
+            return Vec::new();
+        }
+        LoopControl::NextRequest if app.busy() => app.notice(format!(
+            "{loops} loops from the next answer; this one keeps its count"
+        )),
+        LoopControl::NextRequest | LoopControl::Live => {}
+    }
+    app.readout.loops = loops;
+    vec![Effect::Send(Request::SetLoops(loops))]
 }
 
 fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
@@ -197,6 +217,10 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
         KeyCode::F(3) => return change_loops(app, 1),
         KeyCode::F(2) => return change_loops(app, -1),
         KeyCode::F(1) => app.help = true,
+        KeyCode::Char('r') if ctrl => {
+            app.show_reasoning = !app.show_reasoning;
+            scroll(app, 0);
+        }
         KeyCode::PageUp => scroll(app, page),
         KeyCode::PageDown => scroll(app, -page),
         KeyCode::Tab => {

@@ -122,3 +122,24 @@ pub fn greedy(model: &PltModel, prompt: &[u32], loops: usize, max_tokens: usize)
     .unwrap()
     .ids
 }
+
+/// A generation of the conversation `messages` (oldest messages may be left out to fit),
+/// greedy, with `id` and at most `max_tokens`.
+pub fn chat_job(
+    id: u64,
+    messages: &[plait::engine::ChatMessage],
+    max_tokens: usize,
+) -> plait::engine::GenerateJob {
+    plait::engine::GenerateJob {
+        id,
+        prompt: plait::engine::Prompt::Chat {
+            messages: messages.to_vec(),
+            drop_oldest: true,
+            tools: Vec::new(),
+        },
+        sampling: plait::engine::SamplingParams::default(),
+        max_tokens: Some(max_tokens),
+        loops: None,
+        cache_key: None,
+    }
+}

@@ -8,6 +8,7 @@ use ratatui::Frame;
 
 use super::super::state::{App, EngineState};
 use super::style;
+use crate::engine::LoopControl;
 
 /// Sparkline glyphs, lowest to highest.
 const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
@@ -39,8 +40,15 @@ pub fn sparkline(app: &App) -> String {
 pub fn status_text(app: &App, width: u16) -> Vec<Span<'static>> {
     let r = &app.readout;
     let sep = || Span::styled(" │ ", style(app, Color::DarkGray));
+    let fixed = app
+        .model_info
+        .as_ref()
+        .is_some_and(|m| m.loop_control == LoopControl::Fixed);
     let loops_text = format!("loops {}/{}", r.loops, r.trained_loops);
-    let loops = if r.loops == r.trained_loops {
+    let loops = if fixed {
+        // The server runs the count it started with and does not say which.
+        Span::raw("loops: server")
+    } else if r.loops == r.trained_loops {
         Span::raw(loops_text)
     } else {
         // A count the checkpoint was not trained with is allowed, and shown as such.
@@ -52,6 +60,7 @@ pub fn status_text(app: &App, width: u16) -> Vec<Span<'static>> {
     let state = match &r.state {
         EngineState::Loading(p) => format!("loading {:.0}%", p * 100.0),
         EngineState::Failed => "load failed".into(),
+        EngineState::Offline => "offline".into(),
         EngineState::Idle => "idle".into(),
         EngineState::Prefill(p) => format!("prefill {:.0}%", p * 100.0),
         EngineState::Generating => "generating".into(),

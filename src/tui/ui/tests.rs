@@ -5,14 +5,15 @@ use std::time::Duration;
 use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 
-use crossterm::event::{KeyCode, KeyEvent};
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use super::*;
 use crate::engine::{Event as EngineEvent, StopReason, TurnStats};
 use crate::tui::cells::{AnswerStatus, Cell};
 use crate::tui::state::AppEvent;
 use crate::tui::testing::{
-    done, hello_workspace, loaded_app, run_edit_effects, token, turn_stats, type_text, EDIT_ANSWER,
+    done, hello_workspace, loaded_app, remote_info, run_edit_effects, token, turn_stats, type_text,
+    EDIT_ANSWER,
 };
 use crate::tui::update::update;
 
@@ -340,4 +341,34 @@ fn diff_pane_with_accepted_and_rejected_hunks() {
         let terminal = render(&mut app, w, h);
         insta::assert_snapshot!(format!("diff_pane_{w}x{h}"), terminal.backend());
     }
+}
+
+#[test]
+fn a_remote_answer_with_reasoning_and_a_server_that_fixes_loops() {
+    let mut app = loaded_app();
+    update(
+        &mut app,
+        AppEvent::Engine(EngineEvent::Loaded(remote_info(
+            crate::engine::LoopControl::Fixed,
+        ))),
+    );
+    ask(&mut app, "Reverse a string in Python", &[]);
+    update(
+        &mut app,
+        AppEvent::Engine(EngineEvent::Reasoning {
+            id: 1,
+            text: "The user wants a reversal.\nSlicing does it.".into(),
+        }),
+    );
+    for text in CODE_ANSWER {
+        update(&mut app, token(text, 20));
+    }
+    let terminal = render(&mut app, 120, 24);
+    insta::assert_snapshot!("remote_reasoning_hidden_120x24", terminal.backend());
+    update(
+        &mut app,
+        AppEvent::Key(KeyEvent::new(KeyCode::Char('r'), KeyModifiers::CONTROL)),
+    );
+    let terminal = render(&mut app, 120, 24);
+    insta::assert_snapshot!("remote_reasoning_shown_120x24", terminal.backend());
 }
