@@ -6,159 +6,16 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use futures_util::StreamExt;
+use common::fake_server::*;
 use plait::engine::{
     Backend, ChatMessage, Event, FailureKind, GenerateJob, LoopControl, Prompt, RemoteBackend,
     RemoteOptions, Request, SamplingParams, StopReason,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-
-/// The context the fake server reports.
-const CONTEXT: usize = 2048;
-
-/// What the fake server answers a chat completion with.
-#[derive(Clone)]
-enum Reply {
-    /// A status and a JSON body.
-    Status(u16, Value),
-    /// These chunks as server-sent events, then `[DONE]`; with `cut`, the connection drops
-    /// after them instead.
-    Stream { chunks: Vec<Value>, cut: bool },
-}
-
-/// The fake server's script and what it was sent.
-#[derive(Default)]
-struct Fake {
-    /// Replies to chat completions, in order; when empty, a short answer.
-    replies: Mutex<VecDeque<Reply>>,
-    /// The chat completion bodies received.
-    requests: Mutex<Vec<Value>>,
-    /// Whether `/v1/models` refuses the key.
-    refuse_key: bool,
-}
-
-fn chunk(delta: Value, finish: Value) -> Value {
-    json!({
-        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "loopcoder",
-        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-    })
-}
-
-/// A streamed answer of `words`, with usage at the end.
-fn answer(words: &[&str]) -> Reply {
-    let mut chunks = vec![chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    )];
-    chunks.extend(
-        words
-            .iter()
-            .map(|w| chunk(json!({ "content": w }), Value::Null)),
-    );
-    chunks.push(chunk(json!({}), json!("stop")));
-    chunks.push(json!({
-        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "loopcoder",
-        "choices": [],
-        "usage": {"prompt_tokens": 40, "completion_tokens": words.len(), "total_tokens": 40 + words.len(),
-                  "prompt_tokens_details": {"cached_tokens": 32}},
-    }));
-    Reply::Stream { chunks, cut: false }
-}
-
-/// The fake's token count: one per four bytes of content, four per message (so a test can
-/// work out the clamped max_tokens).
-fn fake_count(messages: &Value) -> usize {
-    messages
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["content"].as_str().unwrap().len() / 4 + 4)
-        .sum()
-}
-
-async fn models(State(fake): State<Arc<Fake>>) -> Response {
-    if fake.refuse_key {
-        let body = json!({"error": {"message": "Unauthorized", "type": "invalid_request_error"}});
-        return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
-    }
-    Json(json!({"object": "list", "data": [{
-        "id": "loopcoder", "object": "model", "created": 0, "owned_by": "vllm",
-        "root": "Multilingual-Multimodal-NLP/LoopCoder-V2", "max_model_len": CONTEXT,
-    }]}))
-    .into_response()
-}
-
-async fn tokenize(Json(body): Json<Value>) -> Json<Value> {
-    let count = fake_count(&body["messages"]);
-    Json(json!({"count": count, "max_model_len": CONTEXT, "tokens": vec![1; count]}))
-}
-
-async fn chat(State(fake): State<Arc<Fake>>, Json(body): Json<Value>) -> Response {
-    fake.requests.lock().unwrap().push(body);
-    let reply = fake
-        .replies
-        .lock()
-        .unwrap()
-        .pop_front()
-        .unwrap_or_else(|| answer(&["Hello", " there."]));
-    match reply {
-        Reply::Status(status, body) => {
-            (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
-        }
-        Reply::Stream { chunks, cut } => {
-            let mut parts: Vec<Result<String, std::io::Error>> = chunks
-                .iter()
-                .map(|c| Ok(format!("data: {c}\n\n")))
-                .collect();
-            if cut {
-                parts.push(Err(std::io::Error::other("cut")));
-            } else {
-                parts.push(Ok("data: [DONE]\n\n".into()));
-            }
-            // The cut comes after the chunks have reached the client, as a dropped
-            // connection mid-answer does.
-            let stream = futures_util::stream::iter(parts).then(|part| async move {
-                if part.is_err() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                part
-            });
-            Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(Body::from_stream(stream))
-                .unwrap()
-        }
-    }
-}
-
-/// Serves `fake` on `listener` (on the current runtime).
-fn serve_fake(listener: tokio::net::TcpListener, fake: Arc<Fake>) {
-    let app = Router::new()
-        .route("/v1/models", get(models))
-        .route("/tokenize", post(tokenize))
-        .route("/v1/chat/completions", post(chat))
-        .with_state(fake);
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-}
-
-/// The fake on a fresh loopback port; its `/v1` address.
-async fn start_fake(fake: Arc<Fake>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    serve_fake(listener, fake);
-    url
-}
 
 /// The remote backend on `options` and the events it reports.
 fn connect(options: RemoteOptions) -> (RemoteBackend, mpsc::UnboundedReceiver<Event>) {
@@ -592,5 +449,51 @@ fn against_plait_serve_the_count_matches_and_loops_go_with_the_next_request() {
         };
         // The server says it ran the count sent with the request.
         assert_eq!(stats.loops, 1);
+    });
+}
+
+#[test]
+fn against_llama_server_the_context_count_and_cache_come_from_the_server() {
+    let Some(server) = common::server::llama_server_on_default_model(2048) else {
+        return;
+    };
+    runtime().block_on(async {
+        let (backend, mut events) = connect(options(&format!("{}/v1", server.base)));
+        let seen = until(&mut events, |e| {
+            matches!(e, Event::Loaded(_) | Event::LoadFailed(_))
+        })
+        .await;
+        let Some(Event::Loaded(info)) = seen.last() else {
+            panic!("{seen:?}")
+        };
+        // The running context from /props, not the model's trained one.
+        assert_eq!(info.context_size, 2048);
+        assert_eq!(info.loop_control, LoopControl::Fixed);
+        let messages = vec![
+            ChatMessage::new("system", "You are a helpful assistant."),
+            ChatMessage::new("user", "Write a Python function that adds two numbers."),
+        ];
+        let mut cached = Vec::new();
+        for id in 1..=2 {
+            backend.send(ask(id, messages.clone(), 8));
+            let seen = until(&mut events, ended).await;
+            let Some(Event::Started { prompt_tokens, .. }) = seen.first() else {
+                panic!("{seen:?}")
+            };
+            let Some(Event::Done { stats, .. }) = seen.last() else {
+                panic!("{seen:?}")
+            };
+            // Counted with the server's template and tokenizer: the prompt it ran, give or
+            // take the start token its template may leave to the tokenizer.
+            assert!(
+                stats.prompt_tokens.abs_diff(*prompt_tokens) <= 1,
+                "counted {prompt_tokens}, ran {}",
+                stats.prompt_tokens
+            );
+            assert!(!tokens(&seen).is_empty(), "{seen:?}");
+            cached.push(stats.reused_tokens);
+        }
+        // The same prompt again comes mostly from the server's prompt cache.
+        assert!(cached[1] > 0, "cached prompt tokens: {cached:?}");
     });
 }

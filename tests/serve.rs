@@ -669,3 +669,42 @@ fn earlier_function_calls_and_their_outputs_are_rendered_into_the_conversation()
     ]));
     assert!(with_call > bare + 10, "{with_call} vs {bare}");
 }
+
+#[test]
+fn tokenize_counts_what_a_chat_completion_runs_and_plain_text() {
+    let served = Served::start(&debug_binary(), &tiny(), &[]);
+    let messages = json!([
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Write a function that adds two numbers."},
+    ]);
+    let counted = served.post_json("/tokenize", &json!({ "messages": messages }), 200);
+    let answered = served.post_json(
+        "/v1/chat/completions",
+        &json!({ "model": "plt-tiny-2loop", "messages": messages, "max_tokens": 2 }),
+        200,
+    );
+    // The count is the prompt the chat completion ran.
+    assert_eq!(counted["count"], answered["usage"]["prompt_tokens"]);
+    assert_eq!(
+        counted["tokens"].as_array().unwrap().len() as u64,
+        counted["count"].as_u64().unwrap()
+    );
+    assert!(counted["max_model_len"].as_u64().unwrap() > 0);
+    // Text, in vLLM's (`prompt`) and llama.cpp's (`content`) forms, counts alike.
+    let vllm = served.post_json("/tokenize", &json!({ "prompt": "fn add(a: i32) {}" }), 200);
+    let llama = served.post_json("/tokenize", &json!({ "content": "fn add(a: i32) {}" }), 200);
+    assert_eq!(vllm["tokens"], llama["tokens"]);
+    assert!(vllm["count"].as_u64().unwrap() > 0);
+    // Neither or both is a 400 that names the field; another model is refused.
+    let neither = served.post_json("/tokenize", &json!({}), 400);
+    assert_eq!(neither["error"]["param"], "messages");
+    let other = served.post_json(
+        "/tokenize",
+        &json!({ "model": "gpt-4", "prompt": "x" }),
+        400,
+    );
+    assert!(other["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("gpt-4"));
+}

@@ -24,16 +24,7 @@ fn default_model() -> PathBuf {
 
 /// The client named by `var`, or `None` (outside CI only) when it is not installed.
 fn client_tool(var: &str) -> Option<PathBuf> {
-    match std::env::var_os(var) {
-        Some(path) => Some(PathBuf::from(path)),
-        None if std::env::var_os("CI").is_some() => {
-            panic!("{var} is not set: .ci/run installs the clients with scripts/install-test-clients.sh")
-        }
-        None => {
-            eprintln!("skipped: {var} is not set (scripts/install-test-clients.sh installs it)");
-            None
-        }
-    }
+    installed_tool(var, "scripts/install-test-clients.sh")
 }
 
 /// Runs `command` to completion within `limit`, returning (success, stdout, stderr).

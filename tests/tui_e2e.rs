@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use portable_pty::{native_pty_system, Child, CommandBuilder, MasterPty, PtySize};
 
+mod common;
+
 const ROWS: u16 = 30;
 const COLS: u16 = 100;
 /// How often the screen is polled.
@@ -478,4 +480,151 @@ fn tui_applies_an_inferred_edit_and_undoes_it() {
         HELLO,
         "undo did not restore"
     );
+}
+
+/// The TUI on `url` with `--remote`, in a pseudo-terminal, in a workspace holding `files`.
+fn start_remote(url: &str, files: &[(&str, &str)]) -> Session {
+    let mut cmd = CommandBuilder::new(env!("CARGO_BIN_EXE_plait"));
+    // Answers short enough to finish within a step on a slow machine.
+    cmd.args(["--remote", url, "-c", "max_tokens=200"]);
+    Session::start_command(cmd, files)
+}
+
+/// An answer that edits `greet` in [`HELLO`] with SEARCH/REPLACE.
+const EDIT_REPLY: &str = "Changed:\n\nhello.py\n```python\n<<<<<<< SEARCH\ndef greet(name):\n    print(\"Hello\", name)\n=======\ndef greet(name):\n    print(f\"Hi, {name}!\")\n>>>>>>> REPLACE\n```\n";
+
+#[test]
+fn tui_remote_edit_reaches_the_diff_pane_and_applies() {
+    use common::fake_server::{answer, spawn_fake, Fake};
+    let fake = Arc::new(Fake::default());
+    let words: Vec<&str> = EDIT_REPLY.split_inclusive(' ').collect();
+    fake.replies.lock().unwrap().push_back(answer(&words));
+    let url = spawn_fake(Arc::clone(&fake));
+    let mut s = start_remote(&url, &[("hello.py", HELLO)]);
+    let hello = s.dir.path().join("work/hello.py");
+    // The status line names the server and says that it fixes the loop count.
+    s.wait_for(
+        "the server's model (status: loopcoder @ host, loops: server)",
+        STEP,
+        |t| status_has(t, &["loopcoder @ 127.0.0.1:", "loops: server", "idle"]),
+    );
+    s.send(b"/add hello.py\r");
+    s.wait_for("hello.py in the context", STEP, |t| {
+        t.contains("added hello.py")
+    });
+    s.send(b"Make greet friendlier.\r");
+    s.wait_for("the edit in the diff pane", ANSWER, |t| {
+        t.contains("1 hunk in 1 file in the diff pane") && status_has(t, &["idle", "tok/s"])
+    });
+    // The conversation went to the server with the file, and no plait extension.
+    let sent = fake.requests.lock().unwrap()[0].clone();
+    assert!(sent["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .contains("print(\"Hello\", name)"));
+    assert!(sent.get("plait").is_none(), "{sent}");
+    // A loop key says the server fixes the count.
+    s.send(b"\x1b[1;3A");
+    s.wait_for("the loop key's notice", STEP, |t| {
+        t.contains("the server fixes the loop count")
+    });
+    // Tab twice reaches the diff pane; the explicit edit starts accepted; `a` applies it.
+    s.send(b"\t\t");
+    s.wait_for("the diff pane focused", STEP, |t| {
+        t.contains("1/1 hunks accepted · Space")
+    });
+    s.send(b"a");
+    s.wait_for("the apply notice", STEP, |t| {
+        t.contains("applied: hello.py")
+    });
+    let want = HELLO.replace("print(\"Hello\", name)", "print(f\"Hi, {name}!\")");
+    assert_eq!(
+        std::fs::read_to_string(&hello).unwrap(),
+        want,
+        "{}",
+        s.dump()
+    );
+}
+
+#[test]
+fn tui_remote_on_plait_serve_streams_changes_loops_per_request_and_cancels() {
+    let Some(model) = common::server::default_model_if_installed() else {
+        return;
+    };
+    let served = common::server::Served::start(&common::server::plait_binary(true), &model, &[]);
+    let mut s = start_remote(&format!("{}/v1", served.base), &[]);
+    s.wait_for(
+        "the served model (status: @ host, loops 1/1, idle)",
+        STEP,
+        |t| status_has(t, &["@ 127.0.0.1:", "loops 1/1", "idle"]),
+    );
+    s.send(b"hello\r");
+    s.wait_for("the answer with its readout", ANSWER, |t| {
+        status_has(t, &["TTFT", "tok/s", "idle"]) && chat_has_answer(t)
+    });
+    assert_eq!(served.metric("plait_answers_total{loops=\"1\"}"), 1.0);
+    // Alt+Up: the next request asks the server for two loops.
+    s.send(b"\x1b[1;3A");
+    s.wait_for("loops 2/1 on the status line", STEP, |t| {
+        status_has(t, &["loops 2/1"])
+    });
+    s.send(b"Say it again.\r");
+    let deadline = Instant::now() + ANSWER;
+    let answered_with_two_loops = || {
+        let metrics = common::server::client()
+            .get(served.url("/metrics"))
+            .send()
+            .and_then(|r| r.text())
+            .unwrap_or_default();
+        metrics.contains("plait_answers_total{loops=\"2\"} 1")
+    };
+    while !answered_with_two_loops() {
+        assert!(
+            Instant::now() < deadline,
+            "no two-loop answer\n{}",
+            s.dump()
+        );
+        std::thread::sleep(POLL);
+    }
+    s.wait_for("the second answer to end", ANSWER, |t| {
+        status_has(t, &["idle"])
+    });
+    // Esc while an answer streams closes its stream: the answer stays, marked cancelled.
+    s.send(b"Write a long story about a dragon who learns to code.\r");
+    s.wait_for("the story to stream", ANSWER, |t| {
+        status_has(t, &["generating"])
+    });
+    s.send(b"\x1b");
+    s.wait_for("the cancelled answer", STEP, |t| {
+        t.contains("(cancelled)") && status_has(t, &["idle"])
+    });
+}
+
+#[test]
+fn tui_remote_on_llama_server_streams_says_the_server_fixes_loops_and_cancels() {
+    let Some(server) = common::server::llama_server_on_default_model(2048) else {
+        return;
+    };
+    let mut s = start_remote(&format!("{}/v1", server.base), &[]);
+    s.wait_for(
+        "the server's model (loops: server, its context)",
+        STEP,
+        |t| status_has(t, &["@ 127.0.0.1:", "loops: server", "/2048", "idle"]),
+    );
+    s.send(b"hello\r");
+    s.wait_for("the answer with its readout", ANSWER, |t| {
+        status_has(t, &["TTFT", "tok/s", "idle"]) && chat_has_answer(t)
+    });
+    s.send(b"\x1bOR");
+    s.wait_for("F3's notice", STEP, |t| {
+        t.contains("the server fixes the loop count")
+    });
+    s.send(b"Write a long story about a dragon who learns to code.\r");
+    s.wait_for("the story to stream", ANSWER, |t| {
+        status_has(t, &["generating"])
+    });
+    s.send(b"\x1b");
+    s.wait_for("the cancelled answer", STEP, |t| {
+        t.contains("(cancelled)") && status_has(t, &["idle"])
+    });
 }

@@ -60,6 +60,8 @@ impl Histogram {
 /// What the histograms and per-route counters need a lock for.
 struct Locked {
     requests: BTreeMap<(String, u16), u64>,
+    /// Answers finished, by the loop count they ran with.
+    answers_by_loops: BTreeMap<usize, u64>,
     /// Requests that have had their first token (whose latency is the TTFT, not a step).
     streaming: HashSet<RequestId>,
     ttft: Histogram,
@@ -82,6 +84,7 @@ impl Default for Metrics {
         Self {
             locked: Mutex::new(Locked {
                 requests: BTreeMap::new(),
+                answers_by_loops: BTreeMap::new(),
                 streaming: HashSet::new(),
                 ttft: Histogram::new(&TTFT_BUCKETS),
                 itl: Histogram::new(&ITL_BUCKETS),
@@ -131,6 +134,7 @@ impl Metrics {
                     .fetch_add(stats.tokens as u64, Ordering::Relaxed);
                 let mut locked = self.locked();
                 locked.streaming.remove(id);
+                *locked.answers_by_loops.entry(stats.loops).or_default() += 1;
                 if stats.tokens > 0 {
                     locked.ttft.observe(stats.time_to_first_token);
                 }
@@ -171,6 +175,10 @@ impl Metrics {
                 out,
                 "plait_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
+        }
+        out.push_str("# HELP plait_answers_total Answers finished, by the loop count they ran with.\n# TYPE plait_answers_total counter\n");
+        for (loops, n) in &locked.answers_by_loops {
+            let _ = writeln!(out, "plait_answers_total{{loops=\"{loops}\"}} {n}");
         }
         let counters = [
             (

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::engine::{Request, MAX_LOOPS};
+use crate::engine::{LoopControl, Request, MAX_LOOPS};
 
 use super::edits::apply_accepted;
 use super::state::{App, Effect, Focus};
@@ -208,6 +208,16 @@ fn files(app: &mut App, _: &str, _: bool) -> Vec<Effect> {
 fn model(app: &mut App, _: &str, _: bool) -> Vec<Effect> {
     let text = match &app.model_info {
         None => "the model is not loaded yet".to_string(),
+        Some(m) if m.server.is_some() => format!(
+            "{} — served by {}\ncontext {} tokens, loops {}",
+            m.name,
+            m.path.display(),
+            m.context_size,
+            match m.loop_control {
+                LoopControl::Fixed => "fixed by the server".to_string(),
+                _ => format!("{} (trained {})", app.readout.loops, m.trained_loops),
+            }
+        ),
         Some(m) => format!(
             "{} — {}\n{:.1}M parameters, {}, trained loops {}, running {}, window {}, context {} tokens, KV cache {:.1} MiB",
             m.name,

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: fixture paths and the oracle's values.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fake_server;
 pub mod server;
 
 use std::path::PathBuf;

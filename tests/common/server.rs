@@ -187,3 +187,90 @@ pub fn plait_json(binary: &Path, args: &[&str]) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The program `var` names (installed by a script `.ci/run` runs), or `None` outside CI
+/// when it is not set (the test then says so and passes).
+pub fn installed_tool(var: &str, script: &str) -> Option<PathBuf> {
+    match std::env::var_os(var) {
+        Some(path) => Some(PathBuf::from(path)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("{var} is not set: .ci/run installs it with {script}")
+        }
+        None => {
+            eprintln!("skipped: {var} is not set ({script} installs it)");
+            None
+        }
+    }
+}
+
+/// The default model's GGUF, or `None` outside CI when it is not installed.
+pub fn default_model_if_installed() -> Option<PathBuf> {
+    match plait::config::DefaultModel::manifest().and_then(|m| m.installed_path()) {
+        Ok(model) => Some(model),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("{e}: .ci/run installs it"),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+/// llama.cpp's llama-server on a free loopback port; killed when dropped.
+pub struct LlamaServer {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl LlamaServer {
+    /// Starts `server` on `model` with a `context`-token context, and waits until its
+    /// /health is 200.
+    pub fn start(server: &Path, model: &Path, context: usize) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(server)
+            .arg("-m")
+            .arg(model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-c", &context.to_string(), "-t", "2", "--parallel", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("llama-server starts");
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = client().get(format!("{}/health", server.base)).send() {
+                if r.status() == 200 {
+                    return server;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "llama-server did not start in 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// llama-server on the default model with a `context`-token context, or `None` outside CI
+/// when either is not installed.
+pub fn llama_server_on_default_model(context: usize) -> Option<LlamaServer> {
+    let binary = installed_tool("PLAIT_TEST_LLAMA_SERVER", "scripts/install-llama-server.sh")?;
+    let model = default_model_if_installed()?;
+    Some(LlamaServer::start(&binary, &model, context))
+}
