@@ -163,7 +163,11 @@ pub(super) fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
         EngineEvent::Loaded(info) => {
             r.state = EngineState::Idle;
             r.model = match &info.server {
-                Some(server) => format!("{} @ {server}", info.name),
+                // A served model's id may be a path or a hub name: its last part says enough.
+                Some(server) => {
+                    let name = info.name.rsplit('/').next().unwrap_or(&info.name);
+                    format!("{name} @ {server}")
+                }
                 None => info.name.clone(),
             };
             r.loops = info.loops;
