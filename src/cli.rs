@@ -1129,6 +1129,7 @@ fn remote_options(url: String, args: &TuiArgs, config: &AppConfig) -> Result<Rem
         model: args.remote_model.clone().or_else(|| remote.model.clone()),
         extra,
         context_size: remote.context_size,
+        loops: args.loops.map(usize::from),
         ..RemoteOptions::new(url)
     })
 }

@@ -449,6 +449,22 @@ fn against_plait_serve_the_count_matches_and_loops_go_with_the_next_request() {
         };
         // The server says it ran the count sent with the request.
         assert_eq!(stats.loops, 1);
+        // `plait --remote URL --loops 3`: the first request already asks for three.
+        let (backend, mut events) = connect(RemoteOptions {
+            loops: Some(3),
+            ..options(&format!("{}/v1", served.base))
+        });
+        let seen = until(&mut events, |e| matches!(e, Event::Loaded(_))).await;
+        assert!(
+            matches!(seen.last(), Some(Event::Loaded(info)) if info.loops == 3),
+            "{seen:?}"
+        );
+        backend.send(ask(3, vec![ChatMessage::new("user", "hi")], 2));
+        let seen = until(&mut events, ended).await;
+        assert!(
+            matches!(seen.last(), Some(Event::Done { stats, .. }) if stats.loops == 3),
+            "{seen:?}"
+        );
     });
 }
 

@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::conversation::{answer_room, DropOrder};
 use super::generate::StopReason;
 use super::protocol::{
-    Backend, ChatMessage, Event, EventSink, FailureKind, GenerateJob, Prompt, Request, RequestId,
-    SamplingParams, TurnStats,
+    Backend, ChatMessage, Event, EventSink, FailureKind, GenerateJob, LoopControl, Prompt, Request,
+    RequestId, SamplingParams, TurnStats,
 };
 use http::{is_context_error, Http, HttpError};
 use server::{wire_messages, Dialect, Server};
@@ -40,6 +40,8 @@ pub struct RemoteOptions {
     pub extra: Map<String, Value>,
     /// The context size when the server does not say it.
     pub context_size: Option<usize>,
+    /// The loop count to ask a plait server for (default: the server's).
+    pub loops: Option<usize>,
     /// Tries of a request the server answers with 5xx (or does not answer), the first included.
     pub tries: u32,
     /// The wait before the second try; it doubles after each.
@@ -56,6 +58,7 @@ impl RemoteOptions {
             model: None,
             extra: Map::new(),
             context_size: None,
+            loops: None,
             tries: 4,
             retry_delay: Duration::from_millis(500),
         }
@@ -78,6 +81,7 @@ impl RemoteBackend {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| std::io::Error::other(format!("the remote client needs tokio: {e}")))?;
         let http = Http::new(options.api_key.clone()).map_err(std::io::Error::other)?;
+        let options_loops = options.loops;
         let (requests, inbox) = mpsc::unbounded_channel();
         let worker = Worker {
             client: Client {
@@ -86,7 +90,10 @@ impl RemoteBackend {
                 sink: Mutex::new(sink),
             },
             inbox,
-            pending: Pending::default(),
+            pending: Pending {
+                queue: VecDeque::new(),
+                loops: options_loops,
+            },
         };
         let task = runtime.spawn(worker.run());
         Ok(Self { requests, task })
@@ -123,7 +130,6 @@ struct Worker {
 }
 
 /// What requests leave for the next answers.
-#[derive(Default)]
 struct Pending {
     /// Generations waiting, in order.
     queue: VecDeque<GenerateJob>,
@@ -201,7 +207,11 @@ impl Worker {
         let Some(server) = self.connect().await else {
             return;
         };
-        self.client.emit(Event::Loaded(server.model_info()));
+        let mut info = server.model_info();
+        if let (LoopControl::NextRequest, Some(loops)) = (info.loop_control, self.pending.loops) {
+            info.loops = loops;
+        }
+        self.client.emit(Event::Loaded(info));
         self.serve(&server).await;
     }
 
