@@ -519,3 +519,27 @@ fn a_corrupt_gguf_is_one_line_of_error_even_with_rust_backtrace_set() {
         "no backtrace on screen:\n{stderr}"
     );
 }
+
+#[test]
+fn a_remote_address_that_is_not_http_is_named_before_the_screen_comes_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().to_str().unwrap();
+    let (code, _, stderr) = plait_with_env(
+        &["--remote", "gpu-box:8000"],
+        &[("PLAIT_CONFIG_DIR", config_dir)],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("--remote \"gpu-box:8000\"") && stderr.contains("http://"),
+        "{stderr}"
+    );
+    // The same in config.toml names the key.
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[remote]\nurl = \"gpu-box\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = plait_with_env(&[], &[("PLAIT_CONFIG_DIR", config_dir)]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("remote.url"), "{stderr}");
+}
