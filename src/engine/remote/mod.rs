@@ -285,6 +285,11 @@ impl Worker {
             tokio::pin!(answer);
             let mut stop = false;
             loop {
+                if stop {
+                    // Cancelled above: let the answer report its end, then stop.
+                    (&mut answer).await;
+                    return;
+                }
                 tokio::select! {
                     () = &mut answer => break,
                     request = self.inbox.recv() => {
@@ -307,9 +312,6 @@ impl Worker {
                         }
                     }
                 }
-            }
-            if stop {
-                return;
             }
         }
     }
