@@ -1054,9 +1054,9 @@ fn tui(args: TuiArgs) -> Result<()> {
             if !plait::config::is_http_url(&url) {
                 bail!("--remote {url:?} is not an http:// or https:// address");
             }
-            Backend::Remote(remote_options(url, &args, &config)?)
+            AnswerWith::Remote(remote_options(url, &args, &config)?)
         }
-        None => Backend::Local(EngineOptions {
+        None => AnswerWith::Local(EngineOptions {
             model: model_path(args.model.as_deref().or(config.model.as_deref()))?,
             loops: args.loops.map(usize::from).or(config.loops),
             context_size: config.context_size,
@@ -1067,12 +1067,12 @@ fn tui(args: TuiArgs) -> Result<()> {
     };
     let options = TuiOptions {
         model_name: match &backend {
-            Backend::Local(engine) => engine
+            AnswerWith::Local(engine) => engine
                 .model
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            Backend::Remote(remote) => remote.url.clone(),
+            AnswerWith::Remote(remote) => remote.url.clone(),
         },
         settings: Settings {
             sampling: config.sampling.clone(),
@@ -1093,17 +1093,17 @@ fn tui(args: TuiArgs) -> Result<()> {
     };
     plait::tui::run(options, move |sink| {
         Ok(match backend {
-            Backend::Local(engine) => {
+            AnswerWith::Local(engine) => {
                 Box::new(Engine::spawn(engine, sink)?) as Box<dyn plait::engine::Backend>
             }
-            Backend::Remote(remote) => Box::new(RemoteBackend::spawn(remote, sink)?),
+            AnswerWith::Remote(remote) => Box::new(RemoteBackend::spawn(remote, sink)?),
         })
     })?;
     Ok(())
 }
 
 /// What the TUI answers with.
-enum Backend {
+enum AnswerWith {
     /// The model, run here.
     Local(EngineOptions),
     /// An OpenAI-compatible server.

@@ -490,6 +490,26 @@ fn start_remote(url: &str, files: &[(&str, &str)]) -> Session {
     Session::start_command(cmd, files)
 }
 
+/// Sends `hello` and waits for the answer with TTFT and tok/s on the status line.
+fn answer_hello_with_readout(s: &mut Session) {
+    s.send(b"hello\r");
+    s.wait_for("the answer with its readout", ANSWER, |t| {
+        status_has(t, &["TTFT", "tok/s", "idle"]) && chat_has_answer(t)
+    });
+}
+
+/// Asks for a long answer and presses Esc while it streams; waits for it marked cancelled.
+fn cancel_a_streaming_story(s: &mut Session) {
+    s.send(b"Write a long story about a dragon who learns to code.\r");
+    s.wait_for("the story to stream", ANSWER, |t| {
+        status_has(t, &["generating"])
+    });
+    s.send(b"\x1b");
+    s.wait_for("the cancelled answer", STEP, |t| {
+        t.contains("(cancelled)") && status_has(t, &["idle"])
+    });
+}
+
 /// An answer that edits `greet` in [`HELLO`] with SEARCH/REPLACE.
 const EDIT_REPLY: &str = "Changed:\n\nhello.py\n```python\n<<<<<<< SEARCH\ndef greet(name):\n    print(\"Hello\", name)\n=======\ndef greet(name):\n    print(f\"Hi, {name}!\")\n>>>>>>> REPLACE\n```\n";
 
@@ -558,10 +578,7 @@ fn tui_remote_on_plait_serve_streams_changes_loops_per_request_and_cancels() {
         STEP,
         |t| status_has(t, &["@ 127.0.0.1:", "loops 1/1", "idle"]),
     );
-    s.send(b"hello\r");
-    s.wait_for("the answer with its readout", ANSWER, |t| {
-        status_has(t, &["TTFT", "tok/s", "idle"]) && chat_has_answer(t)
-    });
+    answer_hello_with_readout(&mut s);
     assert_eq!(served.metric("plait_answers_total{loops=\"1\"}"), 1.0);
     // Alt+Up: the next request asks the server for two loops.
     s.send(b"\x1b[1;3A");
@@ -590,14 +607,7 @@ fn tui_remote_on_plait_serve_streams_changes_loops_per_request_and_cancels() {
         status_has(t, &["idle"])
     });
     // Esc while an answer streams closes its stream: the answer stays, marked cancelled.
-    s.send(b"Write a long story about a dragon who learns to code.\r");
-    s.wait_for("the story to stream", ANSWER, |t| {
-        status_has(t, &["generating"])
-    });
-    s.send(b"\x1b");
-    s.wait_for("the cancelled answer", STEP, |t| {
-        t.contains("(cancelled)") && status_has(t, &["idle"])
-    });
+    cancel_a_streaming_story(&mut s);
 }
 
 #[test]
@@ -611,20 +621,10 @@ fn tui_remote_on_llama_server_streams_says_the_server_fixes_loops_and_cancels() 
         STEP,
         |t| status_has(t, &["@ 127.0.0.1:", "loops: server", "/2048", "idle"]),
     );
-    s.send(b"hello\r");
-    s.wait_for("the answer with its readout", ANSWER, |t| {
-        status_has(t, &["TTFT", "tok/s", "idle"]) && chat_has_answer(t)
-    });
+    answer_hello_with_readout(&mut s);
     s.send(b"\x1bOR");
     s.wait_for("F3's notice", STEP, |t| {
         t.contains("the server fixes the loop count")
     });
-    s.send(b"Write a long story about a dragon who learns to code.\r");
-    s.wait_for("the story to stream", ANSWER, |t| {
-        status_has(t, &["generating"])
-    });
-    s.send(b"\x1b");
-    s.wait_for("the cancelled answer", STEP, |t| {
-        t.contains("(cancelled)") && status_has(t, &["idle"])
-    });
+    cancel_a_streaming_story(&mut s);
 }

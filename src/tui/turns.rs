@@ -152,10 +152,6 @@ fn streaming_answer(app: &mut App) -> Option<&mut AnswerCell> {
 
 /// What the engine reported: loading, the answer's tokens and its end, failures.
 pub(super) fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
-    let event_kind = match &event {
-        EngineEvent::Failed { kind, .. } => Some(*kind),
-        _ => None,
-    };
     let r = &mut app.readout;
     match event {
         EngineEvent::Started { .. } => {}
@@ -231,21 +227,28 @@ pub(super) fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
             return propose_edits(app, !cancelled);
         }
         EngineEvent::ResetDone => app.notice("new conversation"),
-        EngineEvent::Error(message) | EngineEvent::Failed { message, .. } => {
-            let status = match event_kind {
-                Some(FailureKind::Interrupted) => AnswerStatus::Interrupted,
-                _ => AnswerStatus::Failed,
+        EngineEvent::Error(message) => fail_answer(app, AnswerStatus::Failed, message),
+        EngineEvent::Failed { kind, message, .. } => {
+            let status = if kind == FailureKind::Interrupted {
+                AnswerStatus::Interrupted
+            } else {
+                AnswerStatus::Failed
             };
-            if let Some(answer) = streaming_answer(app) {
-                answer.set_status(status);
-            }
-            if app.busy() {
-                app.readout.state = EngineState::Idle;
-            }
-            app.error(message);
+            fail_answer(app, status, message);
         }
     }
     Vec::new()
+}
+
+/// The answer streaming (if any) ended with `status`; the failure is shown.
+fn fail_answer(app: &mut App, status: AnswerStatus, message: String) {
+    if let Some(answer) = streaming_answer(app) {
+        answer.set_status(status);
+    }
+    if app.busy() {
+        app.readout.state = EngineState::Idle;
+    }
+    app.error(message);
 }
 
 /// The answer ended: the readout takes the engine's figures, the cell its final status.

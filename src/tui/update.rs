@@ -147,6 +147,11 @@ fn scroll(app: &mut App, up: i32) {
     app.scroll_from_bottom = wanted.min(max);
 }
 
+/// Lines a page key scrolls: the chat's height less one, so a line stays in sight.
+fn page(app: &App) -> i32 {
+    chat_text_size(app).1.max(2) as i32 - 1
+}
+
 fn scroll_to_top(app: &mut App) {
     app.scroll_from_bottom = usize::MAX;
     scroll(app, 0);
@@ -193,7 +198,6 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             return Vec::new();
         }
     }
-    let page = chat_text_size(app).1.max(2) as i32 - 1;
     match key.code {
         KeyCode::Char('c') if ctrl => {
             if app.busy() {
@@ -221,8 +225,8 @@ fn on_key(app: &mut App, key: KeyEvent) -> Vec<Effect> {
             app.show_reasoning = !app.show_reasoning;
             scroll(app, 0);
         }
-        KeyCode::PageUp => scroll(app, page),
-        KeyCode::PageDown => scroll(app, -page),
+        KeyCode::PageUp => scroll(app, page(app)),
+        KeyCode::PageDown => scroll(app, -page(app)),
         KeyCode::Tab => {
             if !app.composer.complete() {
                 app.focus = match app.focus {

@@ -278,7 +278,7 @@ impl Worker {
                     }
                 },
             };
-            let (cancel, cancelled) = oneshot::channel();
+            let (cancel, cancelled) = oneshot::channel::<()>();
             let mut cancel = Some(cancel);
             let loops = self.pending.loops;
             let answer = answer(&self.client, server, &job, loops, cancelled);
@@ -292,25 +292,23 @@ impl Worker {
                 }
                 tokio::select! {
                     () = &mut answer => break,
-                    request = self.inbox.recv() => {
-                        let ends = match &request {
-                            Some(Request::Cancel(id)) => *id == job.id,
-                            None | Some(Request::Shutdown | Request::Reset) => true,
-                            Some(_) => false,
-                        };
-                        if ends {
-                            // Closing the stream is how a server learns of a cancel.
-                            if let Some(cancel) = cancel.take() {
-                                let _ = cancel.send(());
+                    request = self.inbox.recv() => match request {
+                        // Dropping the sender cancels: the answer closes its stream, which is
+                        // how a server learns of it.
+                        Some(Request::Cancel(id)) if id == job.id => drop(cancel.take()),
+                        None | Some(Request::Shutdown) => {
+                            drop(cancel.take());
+                            stop = true;
+                        }
+                        // A generation queues behind this one; the rest apply now, a new
+                        // conversation once this answer is stopped.
+                        Some(request) => {
+                            if request == Request::Reset {
+                                drop(cancel.take());
                             }
+                            self.pending.apply(&self.client, request);
                         }
-                        match request {
-                            None | Some(Request::Shutdown) => stop = true,
-                            Some(Request::Cancel(id)) if id == job.id => {}
-                            // A generation queues behind this one; the rest apply now.
-                            Some(request) => self.pending.apply(&self.client, request),
-                        }
-                    }
+                    },
                 }
             }
         }
@@ -386,15 +384,14 @@ async fn answer(
             max_tokens,
             loops,
         );
-        let started = Instant::now();
+        let measured = Measured::new(Instant::now(), prompt_tokens, order.dropped(), loops);
         let url = format!("{}/chat/completions", server.v1);
         let response = match post_with_retries(client, &url, &body, &mut cancelled).await {
             Ok(response) => response,
             Err(Failure::Cancelled) => {
-                let stats = Measured::new(started, prompt_tokens, order.dropped(), loops);
                 return client.emit(Event::Done {
                     id: job.id,
-                    stats: stats.finish(StopReason::Cancelled),
+                    stats: measured.finish(StopReason::Cancelled),
                 });
             }
             Err(Failure::Http(HttpError::Refused(message)))
@@ -429,7 +426,6 @@ async fn answer(
             prompt_tokens,
             cached_tokens: 0,
         });
-        let measured = Measured::new(started, prompt_tokens, order.dropped(), loops);
         return stream_answer(client, job.id, response, measured, &mut cancelled).await;
     }
 }

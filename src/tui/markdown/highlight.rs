@@ -48,13 +48,9 @@ pub struct Highlighter {
 }
 
 impl Highlighter {
-    /// Loads syntect's default syntaxes and the dark theme (takes tens of ms).
-    pub fn new() -> Self {
-        Self::with_theme(Theme::Dark)
-    }
-
-    /// Loads syntect's default syntaxes and the code theme for `ui_theme`.
-    pub fn with_theme(ui_theme: Theme) -> Self {
+    /// Loads syntect's default syntaxes and the code theme for `ui_theme` (tens of ms:
+    /// [`Highlighter::shared`] does it once per theme).
+    fn with_theme(ui_theme: Theme) -> Self {
         let syntaxes = SyntaxSet::load_defaults_newlines();
         let mut themes = ThemeSet::load_defaults();
         // The theme ships with syntect's defaults; should it ever go missing, an empty theme
@@ -152,12 +148,6 @@ impl Highlighter {
             }
         }
         lines
-    }
-}
-
-impl Default for Highlighter {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -1,13 +1,11 @@
 //! The markdown renderer's tests and snapshots.
 
 use std::collections::HashSet;
-use std::sync::OnceLock;
 
 use super::*;
 
 fn highlighter() -> &'static Highlighter {
-    static HIGHLIGHTER: OnceLock<Highlighter> = OnceLock::new();
-    HIGHLIGHTER.get_or_init(Highlighter::new)
+    Highlighter::shared(Theme::Dark)
 }
 
 fn render(text: &str, width: u16, color: bool) -> Vec<Line<'static>> {
@@ -307,8 +305,8 @@ fn snapshot_width_80() {
 fn the_light_theme_colours_code_and_text_for_a_light_background() {
     let text = "# Title\n\n```rust\nfn main() { let x = 1; }\n```\n";
     let colours = |theme: Theme| -> Vec<Option<Color>> {
-        let highlighter = Highlighter::with_theme(theme);
-        render_markdown(text, 60, &highlighter, true)
+        let highlighter = Highlighter::shared(theme);
+        render_markdown(text, 60, highlighter, true)
             .iter()
             .flat_map(|l| l.spans.iter().map(|s| s.style.fg))
             .collect()
