@@ -17,6 +17,7 @@ use super::kernels::{CpuKernels, Isa, QuantMatrix};
 use super::weights::{Checkpoint, RandomWeights, SafetensorsWeights, WeightSource};
 
 mod fused;
+mod prefill;
 
 /// Positions prefilled per chunk: bounds the attention score matrix of a long prompt.
 const PREFILL_CHUNK: usize = 512;
@@ -451,7 +452,8 @@ impl PltModel {
         let positions: Vec<usize> = (start..start + rows).collect();
         let (cos, sin) = self.rope_tables(&positions)?;
         let emb = self.embed_ids(ids)?;
-        let causal_mask = (rows > 1)
+        // The CPU's fused attention needs no mask.
+        let causal_mask = (rows > 1 && self.cpu.is_none())
             .then(|| self.causal_mask(start, rows))
             .transpose()?;
         let window = (cache.loops > 1)
@@ -750,6 +752,48 @@ impl PltModel {
         Ok((mask, Tensor::new(sources, &self.device)?))
     }
 
+    /// The (ring ++ chunk) keys of a chunk's window attention in position order (the ring
+    /// slots of positions `start - (window+1) ..`, then the chunk), and the range of them
+    /// each row reads: its position and the `window` before it that are valid.
+    fn windows_in_position_order(
+        &self,
+        cache: &PltCache,
+        start: usize,
+        rows: usize,
+    ) -> Result<(Tensor, Vec<Range<usize>>)> {
+        let (w, w1) = (self.config.plt_window, self.config.plt_window + 1);
+        let order: Vec<u32> = (0..w1)
+            .map(|j| ((start + j) % w1) as u32)
+            .chain((w1..w1 + rows).map(|j| j as u32))
+            .collect();
+        // Ring slots hold positions `start - w1 ..= start - 1` from `ring_valid_from` on;
+        // the chunk's own are all valid. Position p is key p + w1 - start.
+        let first_valid = cache
+            .ring_valid_from
+            .max(start.saturating_sub(w1))
+            .min(start);
+        let windows = (0..rows)
+            .map(|r| {
+                let t = start + r;
+                t.saturating_sub(w).max(first_valid) + w1 - start..r + w1 + 1
+            })
+            .collect();
+        Ok((Tensor::new(order, &self.device)?, windows))
+    }
+
+    /// The shape of this model's attention for the CPU kernels of width `isa`.
+    fn attention_shape(&self, isa: Isa) -> fused::AttentionShape {
+        let c = &self.config;
+        fused::AttentionShape {
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            hd: c.head_dim,
+            // As candle's affine: the f64 factor rounded to f32.
+            scale: (1.0 / (c.head_dim as f64).sqrt()) as f32,
+            isa,
+        }
+    }
+
     fn decode_ring_mask(&self, cache: &PltCache, pos: usize) -> Result<Option<Tensor>> {
         if cache.loops == 1 {
             return Ok(None);
@@ -831,9 +875,19 @@ impl PltModel {
                         start,
                     )?;
                 }
-                let k0 = computed(cache.k0[li].narrow(1, 0, keys)?)?;
-                let v0 = computed(cache.v0[li].narrow(1, 0, keys)?)?;
-                let global = attend(&q, &k0, &v0, causal_mask, hd)?;
+                let fused = self.cpu.as_ref().map(|w| self.attention_shape(w.isa));
+                let global = match fused {
+                    Some(shape) => {
+                        let causal: Vec<_> = (0..rows).map(|r| 0..start + r + 1).collect();
+                        let (k0, v0) = (&cache.k0[li], &cache.v0[li]);
+                        prefill::tensor_attention(&q, k0, v0, &causal, shape)?
+                    }
+                    None => {
+                        let k0 = computed(cache.k0[li].narrow(1, 0, keys)?)?;
+                        let v0 = computed(cache.v0[li].narrow(1, 0, keys)?)?;
+                        attend(&q, &k0, &v0, causal_mask, hd)?
+                    }
+                };
                 match window {
                     Some((window_mask, ring_sources)) if loop_idx > 0 => {
                         let ring = loop_idx - 1;
@@ -843,7 +897,16 @@ impl PltModel {
                             Tensor::cat(&[&ring_k, &k.transpose(0, 1)?], 1)?.contiguous()?;
                         let local_v =
                             Tensor::cat(&[&ring_v, &v.transpose(0, 1)?], 1)?.contiguous()?;
-                        let local = attend(&q, &local_k, &local_v, Some(window_mask), hd)?;
+                        let local = match fused {
+                            Some(shape) => {
+                                let (keys, windows) =
+                                    self.windows_in_position_order(cache, start, rows)?;
+                                let local_k = local_k.index_select(&keys, 1)?;
+                                let local_v = local_v.index_select(&keys, 1)?;
+                                prefill::tensor_attention(&q, &local_k, &local_v, &windows, shape)?
+                            }
+                            None => attend(&q, &local_k, &local_v, Some(window_mask), hd)?,
+                        };
                         let next_k = local_k.index_select(ring_sources, 1)?.unsqueeze(0)?;
                         let next_v = local_v.index_select(ring_sources, 1)?.unsqueeze(0)?;
                         cache.ring_k[li].slice_set(&stored(&next_k)?, 0, ring)?;
@@ -931,9 +994,9 @@ impl DecoderLayer {
     }
 }
 
-/// Rows from which a quantized matrix is dequantized for one f32 GEMM: the quantized
-/// kernels redo their unpacking for every row, while a GEMM over a block of prompt rows runs
-/// near the CPU's peak; dequantizing costs one pass over the weights per chunk.
+/// Rows from which a matrix in a format plait has no kernel for is dequantized for one f32
+/// GEMM: candle's quantized kernels redo their unpacking for every row. plait's own kernels
+/// stay faster at any row count (int8 products, as llama.cpp's prompt processing).
 const DEQUANTIZE_FROM_ROWS: usize = 32;
 
 /// A weight matrix: candle's (dense, or quantized in a format plait has no kernel for), or
@@ -1057,19 +1120,13 @@ impl Matrix {
     }
 }
 
-/// `x @ w^T`: plait's kernels or candle's quantized kernels for few rows (decode), one f32
-/// GEMM for many (prefill).
+/// `x @ w^T`: plait's kernels, else candle's quantized kernels for few rows (decode) and
+/// one f32 GEMM for many (prefill).
 fn matmul(w: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
     let rows = x.dim(0)?;
     match w {
         Matrix::Candle(QMatMul::QTensor(q)) if rows >= DEQUANTIZE_FROM_ROWS => {
             let dense = q.dequantize(x.device())?;
-            x.matmul(&dense.t()?)
-        }
-        // Kernels exist only for CPU models, which compute in f32.
-        Matrix::Kernel(f) if rows >= DEQUANTIZE_FROM_ROWS => {
-            let dense = f.kernel.dequantize(f.cols.clone());
-            let dense = Tensor::from_vec(dense, (f.cols.len(), f.kernel.k()), x.device())?;
             x.matmul(&dense.t()?)
         }
         Matrix::Kernel(f) => {

@@ -173,12 +173,12 @@ pub(super) fn decode_step(
 
 /// Head counts and scale of a layer's attention, and the kernel width it runs at.
 #[derive(Clone, Copy)]
-struct AttentionShape {
-    heads: usize,
-    kv_heads: usize,
-    hd: usize,
-    scale: f32,
-    isa: Isa,
+pub(super) struct AttentionShape {
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) hd: usize,
+    pub(super) scale: f32,
+    pub(super) isa: Isa,
 }
 
 /// Layer `li`'s attention for the rows of `q` (`[loops, heads * hd]`), position `pos` =
@@ -462,7 +462,7 @@ fn silu_mul(gate_up: &[f32], ffn: usize) -> Vec<f32> {
 /// `x = exp(x)` for each element, with a polynomial (Cephes' `expf`, relative error about
 /// 2e-7) that the compiler vectorizes, unlike calls to libm. Inputs are clamped to
 /// -87..=88, so exp(-inf) is 1.6e-38 rather than 0.
-fn exp_in_place(x: &mut [f32]) {
+pub(super) fn exp_in_place(x: &mut [f32]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 in two parts, so `n * LN2_HI` is exact.
     const LN2_HI: f32 = 0.693_359_4;
@@ -486,7 +486,7 @@ fn exp_in_place(x: &mut [f32]) {
 }
 
 /// The elements of a contiguous CPU tensor of element type `K`.
-fn cpu_kv<'a, K: KvElem>(storage: &'a Storage, layout: &Layout) -> Result<&'a [K]> {
+pub(super) fn cpu_kv<'a, K: KvElem>(storage: &'a Storage, layout: &Layout) -> Result<&'a [K]> {
     match (storage, layout.contiguous_offsets()) {
         (Storage::Cpu(cpu), Some((start, end))) => K::cpu_storage_as_slice(cpu)
             .map(|v| &v[start..end])
@@ -544,7 +544,7 @@ impl InplaceOp1 for WriteHeads<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::DType;
 
@@ -609,7 +609,7 @@ mod tests {
         }
     }
 
-    fn random_model(
+    pub(in crate::model::plt) fn random_model(
         hidden_gate: bool,
         normalize: bool,
         quantized: bool,
@@ -654,7 +654,13 @@ mod tests {
     }
 
     /// Softmax attention in f64, the plain way.
-    fn naive_attention(q: &[f32], k: &[f32], v: &[f32], hd: usize, valid: &[bool]) -> Vec<f32> {
+    pub(in crate::model::plt) fn naive_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        hd: usize,
+        valid: &[bool],
+    ) -> Vec<f32> {
         let mut out = Vec::new();
         for qi in q.chunks_exact(hd) {
             let scores: Vec<f64> = k
@@ -777,7 +783,7 @@ mod tests {
     }
 
     /// Largest difference between two runs' logits, over the logits' scale; the step.
-    fn worst_step(got: &[Vec<f32>], want: &[Vec<f32>]) -> (f32, usize) {
+    pub(in crate::model::plt) fn worst_step(got: &[Vec<f32>], want: &[Vec<f32>]) -> (f32, usize) {
         assert_eq!(got.len(), want.len());
         let mut worst = (0f32, 0);
         for (i, (a, b)) in got.iter().zip(want).enumerate() {
