@@ -788,6 +788,68 @@ pub(crate) fn weighted_sums<K: KvElem>(p: &[f32], v: &[K], hd: usize, out: &mut 
     }
 }
 
+/// Keys a [`transposed_scores`] tile is padded to a multiple of: two vectors of the widest
+/// kernel.
+pub(crate) const KEY_LANES: usize = 32;
+
+/// Scores of many queries against a tile of keys laid out transposed, keys in the lanes:
+/// `out[i * n + j] = sum_c q[i * hd + c] * kt[c * stride + j]` for the `hd`-long rows of `q`
+/// and `j < n`, `n` a multiple of [`KEY_LANES`] (the queries already scaled). Four queries
+/// share each load of keys, so a prompt's block of rows runs at the FMA units' rate.
+pub(crate) fn transposed_scores(
+    q: &[f32],
+    hd: usize,
+    kt: &[f32],
+    stride: usize,
+    n: usize,
+    out: &mut [f32],
+    isa: Isa,
+) {
+    let nq = q.len() / hd;
+    assert!(
+        n.is_multiple_of(KEY_LANES) && out.len() == nq * n && kt.len() >= (hd - 1) * stride + n,
+        "transposed_scores: shapes do not match"
+    );
+    #[cfg(target_arch = "x86_64")]
+    match f32_lanes(isa.min(Isa::widest()), hd) {
+        // SAFETY: `f32_lanes` found AVX512F on this CPU.
+        16 => return unsafe { avx2::transposed_scores512(q, hd, kt, stride, n, out) },
+        // SAFETY: `f32_lanes` found AVX2 and FMA on this CPU.
+        8 => return unsafe { avx2::transposed_scores(q, hd, kt, stride, n, out) },
+        _ => {}
+    }
+    for (qi, o) in q.chunks_exact(hd).zip(out.chunks_exact_mut(n)) {
+        o.fill(0.0);
+        for (c, &x) in qi.iter().enumerate() {
+            for (o, &k) in o.iter_mut().zip(&kt[c * stride..c * stride + n]) {
+                *o += x * k;
+            }
+        }
+    }
+}
+
+/// `out_i += sum_j p[i * n + j] * v_j` for the `hd`-long f32 rows of `v` (`n` of them) and
+/// of `out`; four queries share each load of values.
+pub(crate) fn add_weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32], isa: Isa) {
+    let (nq, n) = (out.len() / hd, v.len() / hd);
+    assert_eq!(p.len(), nq * n, "add_weighted_sums: p is not nq * n");
+    #[cfg(target_arch = "x86_64")]
+    match f32_lanes(isa.min(Isa::widest()), hd) {
+        // SAFETY: `f32_lanes` found AVX512F on this CPU.
+        16 => return unsafe { avx2::add_weighted_sums512(p, v, hd, out) },
+        // SAFETY: `f32_lanes` found AVX2 and FMA on this CPU.
+        8 => return unsafe { avx2::add_weighted_sums(p, v, hd, out) },
+        _ => {}
+    }
+    for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
+        for (&pj, vj) in pi.iter().zip(v.chunks_exact(hd)) {
+            for (o, &x) in o.iter_mut().zip(vj) {
+                *o += pj * x;
+            }
+        }
+    }
+}
+
 /// `a . b` with 16 partial sums, so that it vectorizes.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -1406,6 +1468,165 @@ mod avx2 {
             for (i, qi) in q.chunks_exact(hd).enumerate() {
                 out[i * n + j] = super::dot(qi, key) * scale;
             }
+        }
+    }
+
+    /// [`super::transposed_scores`] for `hd` a multiple of 8.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transposed_scores(
+        q: &[f32],
+        hd: usize,
+        kt: &[f32],
+        stride: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        by_four_queries::<__m256>(q, hd, kt, stride, n, out);
+    }
+
+    /// [`super::transposed_scores`] for `hd` a multiple of 16, on 512-bit vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512F.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn transposed_scores512(
+        q: &[f32],
+        hd: usize,
+        kt: &[f32],
+        stride: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        by_four_queries::<__m512>(q, hd, kt, stride, n, out);
+    }
+
+    #[inline(always)]
+    fn by_four_queries<V: F32s>(
+        q: &[f32],
+        hd: usize,
+        kt: &[f32],
+        stride: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let nq = q.len() / hd;
+        let mut i = 0;
+        while i + 4 <= nq {
+            transposed_block::<V, 4>(q, i, hd, kt, stride, n, out);
+            i += 4;
+        }
+        while i < nq {
+            transposed_block::<V, 1>(q, i, hd, kt, stride, n, out);
+            i += 1;
+        }
+    }
+
+    /// Scores of queries `i0 .. i0 + Q` against all `n` keys, two vectors of keys at a time.
+    #[inline(always)]
+    fn transposed_block<V: F32s, const Q: usize>(
+        q: &[f32],
+        i0: usize,
+        hd: usize,
+        kt: &[f32],
+        stride: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let queries = &q[i0 * hd..(i0 + Q) * hd];
+        for j in (0..n).step_by(2 * V::LANES) {
+            let mut acc = [[V::zero(); 2]; Q];
+            for c in 0..hd {
+                let k0 = V::load(kt, c * stride + j);
+                let k1 = V::load(kt, c * stride + j + V::LANES);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let b = V::splat(queries[r * hd + c]);
+                    a[0] = V::fma(b, k0, a[0]);
+                    a[1] = V::fma(b, k1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let row = (i0 + r) * n + j;
+                a[0].store(&mut out[row..]);
+                a[1].store(&mut out[row + V::LANES..]);
+            }
+        }
+    }
+
+    /// [`super::add_weighted_sums`] for `hd` a multiple of 8.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn add_weighted_sums(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        add_by_four_queries::<__m256>(p, v, hd, out);
+    }
+
+    /// [`super::add_weighted_sums`] for `hd` a multiple of 16, on 512-bit vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512F.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub(super) unsafe fn add_weighted_sums512(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        add_by_four_queries::<__m512>(p, v, hd, out);
+    }
+
+    #[inline(always)]
+    fn add_by_four_queries<V: F32s>(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
+        let nq = out.len() / hd;
+        let mut i = 0;
+        while i + 4 <= nq {
+            add_weighted_block::<V, 4>(p, v, hd, i, out);
+            i += 4;
+        }
+        while i < nq {
+            add_weighted_block::<V, 1>(p, v, hd, i, out);
+            i += 1;
+        }
+    }
+
+    /// Adds to the outputs of queries `i0 .. i0 + Q`, two vectors of columns at a time
+    /// while they last, then one.
+    #[inline(always)]
+    fn add_weighted_block<V: F32s, const Q: usize>(
+        p: &[f32],
+        v: &[f32],
+        hd: usize,
+        i0: usize,
+        out: &mut [f32],
+    ) {
+        let n = v.len() / hd;
+        let weights = &p[i0 * n..(i0 + Q) * n];
+        let mut c = 0;
+        while c < hd {
+            let w = if c + 2 * V::LANES <= hd { 2 } else { 1 };
+            let mut acc = [[V::zero(); 2]; Q];
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (x, a) in a.iter_mut().enumerate().take(w) {
+                    *a = V::load(out, (i0 + r) * hd + c + x * V::LANES);
+                }
+            }
+            for j in 0..n {
+                let v0 = V::load(v, j * hd + c);
+                let v1 = if w == 2 {
+                    V::load(v, j * hd + c + V::LANES)
+                } else {
+                    V::zero()
+                };
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let b = V::splat(weights[r * n + j]);
+                    a[0] = V::fma(b, v0, a[0]);
+                    a[1] = V::fma(b, v1, a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (x, a) in a.iter().enumerate().take(w) {
+                    a.store(&mut out[(i0 + r) * hd + c + x * V::LANES..]);
+                }
+            }
+            c += w * V::LANES;
         }
     }
 

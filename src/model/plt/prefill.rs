@@ -12,13 +12,15 @@ use half::f16;
 
 use super::fused::{cpu_kv, exp_in_place, AttentionShape};
 use crate::model::error::Result;
-use crate::model::kernels::{attention_scores, parallel_pieces, weighted_sums, KvElem};
+use crate::model::kernels::{
+    add_weighted_sums, parallel_pieces, transposed_scores, KvElem, KEY_LANES,
+};
 
 /// Rows of a chunk whose queries go through the keys together: their keys are read once
 /// for all of them.
 const ROW_BLOCK: usize = 16;
 
-/// Keys scored at a time: the block's scores stay in L1.
+/// Keys scored at a time (a multiple of [`KEY_LANES`]): the block's scores stay in L1.
 const KEY_TILE: usize = 128;
 
 /// Attention of each row `r` of `q` (`[rows, heads * hd]`) over the keys `ranges[r]` of its
@@ -36,9 +38,32 @@ pub(super) fn ranged_attention<K: KvElem>(
         heads,
         kv_heads,
         hd,
+        scale,
         ..
     } = shape;
     let (rows, qw, group) = (ranges.len(), heads * hd, heads / kv_heads);
+    // The keys any row reads, from a multiple of KEY_LANES, as f32: per KV head its keys
+    // transposed (`[hd, span]`, keys in the lanes of the score kernel) and its values
+    // (`[span, hd]`), zero past the last key. Made once for all the chunk's rows.
+    let base = ranges.iter().map(|r| r.start).min().unwrap_or(0) / KEY_LANES * KEY_LANES;
+    let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+    let span = (end - base).next_multiple_of(KEY_LANES);
+    let head_floats = 2 * hd * span;
+    let mut keys = vec![0f32; kv_heads * head_floats];
+    parallel_pieces(&mut keys, head_floats, |g, out| {
+        let (kt, vs) = out.split_at_mut(hd * span);
+        let used = (g * slots + base) * hd..(g * slots + end) * hd;
+        let mut buf = Vec::new();
+        for (j, key) in K::as_f32(&k[used.clone()], &mut buf)
+            .chunks_exact(hd)
+            .enumerate()
+        {
+            for (c, &x) in key.iter().enumerate() {
+                kt[c * span + j] = x;
+            }
+        }
+        vs[..used.len()].copy_from_slice(K::as_f32(&v[used], &mut buf));
+    });
     let blocks = rows.div_ceil(ROW_BLOCK);
     let piece = ROW_BLOCK * group * hd;
     // Task t is (KV head, row block); the blocks of each head alternate light and heavy
@@ -57,19 +82,15 @@ pub(super) fn ranged_attention<K: KvElem>(
         let mut queries = Vec::with_capacity(piece);
         for r in block_rows.clone() {
             let at = r * qw + g * group * hd;
-            queries.extend_from_slice(&q[at..at + group * hd]);
+            queries.extend(q[at..at + group * hd].iter().map(|x| x * scale));
         }
-        let head = g * slots * hd..(g + 1) * slots * hd;
-        let ranges = &ranges[block_rows];
-        block_attention(
-            &queries,
-            group,
-            &k[head.clone()],
-            &v[head],
-            ranges,
-            shape,
-            out,
-        );
+        let (kt, vs) = keys[g * head_floats..(g + 1) * head_floats].split_at(hd * span);
+        let ranges: Vec<_> = ranges[block_rows]
+            .iter()
+            .map(|r| r.start - base..r.end - base)
+            .collect();
+        let head = HeadKeys { kt, vs, span };
+        block_attention(&queries, group, head, &ranges, shape, out);
     });
     let mut attn = vec![0f32; rows * qw];
     for (t, out) in pieces.chunks_exact(piece).enumerate() {
@@ -83,32 +104,41 @@ pub(super) fn ranged_attention<K: KvElem>(
     attn
 }
 
-/// The attention of `queries` (`[rows, group, hd]`: `group` heads per row) over the keys
-/// `ranges[row]` of one KV head's `k` and `v` (`[slots, hd]`), tile by tile with a running
-/// maximum and sum per query; writes `[rows, group, hd]` to the front of `out`.
-fn block_attention<K: KvElem>(
+/// One KV head's keys as [`ranged_attention`] lays them out.
+#[derive(Clone, Copy)]
+struct HeadKeys<'a> {
+    /// `[hd, span]`: key j's element c at `c * span + j`.
+    kt: &'a [f32],
+    /// `[span, hd]`.
+    vs: &'a [f32],
+    span: usize,
+}
+
+/// The attention of `queries` (`[rows, group, hd]`, scaled: `group` heads per row) over the
+/// keys `ranges[row]` of one KV head, tile by tile with a running maximum and sum per
+/// query; writes `[rows, group, hd]` to the front of `out`.
+fn block_attention(
     queries: &[f32],
     group: usize,
-    k: &[K],
-    v: &[K],
+    head: HeadKeys<'_>,
     ranges: &[Range<usize>],
     shape: AttentionShape,
     out: &mut [f32],
 ) {
-    let AttentionShape { hd, scale, isa, .. } = shape;
+    let AttentionShape { hd, isa, .. } = shape;
     let nq = queries.len() / hd;
-    let first = ranges.iter().map(|r| r.start).min().unwrap_or(0);
+    let first = ranges.iter().map(|r| r.start).min().unwrap_or(0) / KEY_LANES * KEY_LANES;
     let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+    let end = end.next_multiple_of(KEY_LANES).min(head.span);
     let mut maxima = vec![f32::NEG_INFINITY; nq];
     let mut sums = vec![0f32; nq];
     let mut acc = vec![0f32; nq * hd];
-    let mut tile_sums = vec![0f32; nq * hd];
     let mut scores = vec![0f32; nq * KEY_TILE];
     for a in (first..end).step_by(KEY_TILE) {
         let b = (a + KEY_TILE).min(end);
         let n = b - a;
         let scores = &mut scores[..nq * n];
-        attention_scores(queries, &k[a * hd..b * hd], hd, scale, scores, isa);
+        transposed_scores(queries, hd, &head.kt[a..], head.span, n, scores, isa);
         for (i, p) in scores.chunks_exact_mut(n).enumerate() {
             let range = &ranges[i / group];
             let (lo, hi) = (range.start.clamp(a, b) - a, range.end.clamp(a, b) - a);
@@ -117,27 +147,23 @@ fn block_attention<K: KvElem>(
                 continue;
             }
             let tile_max = p[lo..hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let max = maxima[i].max(tile_max);
-            if max > maxima[i] {
+            if tile_max > maxima[i] {
                 // The keys so far, weighed against the new maximum.
-                let rescale = (maxima[i] - max).exp();
+                let rescale = (maxima[i] - tile_max).exp();
                 sums[i] *= rescale;
                 acc[i * hd..(i + 1) * hd]
                     .iter_mut()
                     .for_each(|x| *x *= rescale);
-                maxima[i] = max;
+                maxima[i] = tile_max;
             }
             let kept = &mut p[lo..hi];
-            kept.iter_mut().for_each(|x| *x -= max);
+            kept.iter_mut().for_each(|x| *x -= maxima[i]);
             exp_in_place(kept);
             sums[i] += kept.iter().sum::<f32>();
             p[..lo].fill(0.0);
             p[hi..].fill(0.0);
         }
-        weighted_sums(scores, &v[a * hd..b * hd], hd, &mut tile_sums, isa);
-        for (a, &t) in acc.iter_mut().zip(&tile_sums) {
-            *a += t;
-        }
+        add_weighted_sums(scores, &head.vs[a * hd..b * hd], hd, &mut acc, isa);
     }
     for ((o, a), &s) in out
         .chunks_exact_mut(hd)
