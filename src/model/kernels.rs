@@ -777,15 +777,8 @@ pub(crate) fn weighted_sums<K: KvElem>(p: &[f32], v: &[K], hd: usize, out: &mut 
         _ => {}
     }
     let mut buf = Vec::new();
-    let v = K::as_f32(v, &mut buf);
-    for (pi, o) in p.chunks_exact(n.max(1)).zip(out.chunks_exact_mut(hd)) {
-        o.fill(0.0);
-        for (&pj, vj) in pi.iter().zip(v.chunks_exact(hd)) {
-            for (o, &x) in o.iter_mut().zip(vj) {
-                *o += pj * x;
-            }
-        }
-    }
+    out.fill(0.0);
+    add_weighted_sums(p, K::as_f32(v, &mut buf), hd, out, Isa::Scalar);
 }
 
 /// Keys a [`transposed_scores`] tile is padded to a multiple of: two vectors of the widest
