@@ -203,6 +203,11 @@ struct BenchArgs {
     /// Tokens to decode.
     #[arg(long, default_value_t = 128)]
     gen_tokens: usize,
+    /// Time decode after contexts of these lengths (comma separated) instead of after a
+    /// timed prompt: a model's context is prefilled once per depth and round and reused
+    /// for every loop count, a synthetic model's is filled with random K/V.
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompt_tokens")]
+    depth: Vec<usize>,
     /// Rounds, each measuring every loop count once; figures pool the rounds.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     repeat: u16,
@@ -706,13 +711,35 @@ fn bench(args: BenchArgs) -> Result<()> {
     // The decode rate at which every weight byte is read once per token at that bandwidth.
     let ceiling = bandwidth.map(|gb_s| gb_s * 1e9 / weight_bytes as f64);
     let loop_counts: Vec<usize> = args.loops.iter().map(|&l| usize::from(l)).collect();
-    let results = engine::bench_loop_counts(
-        model,
-        &loop_counts,
-        args.prompt_tokens,
-        args.gen_tokens,
-        usize::from(args.repeat),
-    )?;
+    let repeat = usize::from(args.repeat);
+    let results = match args.depth.as_slice() {
+        [] => engine::bench_loop_counts(
+            model,
+            &loop_counts,
+            args.prompt_tokens,
+            args.gen_tokens,
+            repeat,
+        )?,
+        depths => {
+            let context = match args.synthetic {
+                Some(_) => engine::DepthContext::Random,
+                None => engine::DepthContext::Prefill,
+            };
+            engine::bench_depths(
+                model,
+                &loop_counts,
+                depths,
+                args.gen_tokens,
+                repeat,
+                context,
+            )?
+        }
+    };
+    // Per result: the rate at which a step reads the weights and the K/V at its depth.
+    let ceiling_at = |r: &engine::LoopBench| {
+        let bytes = weight_bytes + model.decode_kv_bytes(r.depth, r.loops);
+        bandwidth.map(|gb_s| gb_s * 1e9 / bytes as f64)
+    };
     let followup_loops = args
         .loops
         .first()
@@ -726,6 +753,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             .map(|r| {
                 json!({
                     "loops": r.loops,
+                    "depth": r.depth,
                     "prompt_tokens": r.prompt_tokens,
                     "gen_tokens": r.gen_tokens,
                     "prefill_tok_s": r.prefill_tok_s,
@@ -734,7 +762,8 @@ fn bench(args: BenchArgs) -> Result<()> {
                     "token_ms_p50": r.token_ms_p50,
                     "token_ms_p90": r.token_ms_p90,
                     "kv_bytes": r.kv_bytes,
-                    "ceiling_fraction": ceiling.map(|c| r.decode_tok_s / c),
+                    "decode_ceiling_tok_s": ceiling_at(r),
+                    "ceiling_fraction": ceiling_at(r).map(|c| r.decode_tok_s / c),
                 })
             })
             .collect();
@@ -769,8 +798,9 @@ fn bench(args: BenchArgs) -> Result<()> {
         println!("memory bandwidth {gb_s:.1} GB/s: decode ceiling {ceiling:.1} tok/s");
     }
     println!(
-        "{:>5} {:>7} {:>5} {:>12} {:>11} {:>9} {:>8} {:>8} {:>10}",
+        "{:>5} {:>6} {:>7} {:>5} {:>12} {:>11} {:>9} {:>8} {:>8} {:>10} {:>8}",
         "loops",
+        "depth",
         "prompt",
         "gen",
         "prefill t/s",
@@ -778,20 +808,27 @@ fn bench(args: BenchArgs) -> Result<()> {
         "ttft ms",
         "p50 ms",
         "p90 ms",
-        "kv bytes"
+        "kv bytes",
+        "ceiling"
     );
+    let or_dash = |v: Option<f64>, digits: usize| match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "-".into(),
+    };
     for r in &results {
         println!(
-            "{:>5} {:>7} {:>5} {:>12.1} {:>11.1} {:>9.1} {:>8.2} {:>8.2} {:>10}",
+            "{:>5} {:>6} {:>7} {:>5} {:>12} {:>11.1} {:>9} {:>8.2} {:>8.2} {:>10} {:>8}",
             r.loops,
+            r.depth,
             r.prompt_tokens,
             r.gen_tokens,
-            r.prefill_tok_s,
+            or_dash(r.prefill_tok_s, 1),
             r.decode_tok_s,
-            r.ttft_ms,
+            or_dash(r.ttft_ms, 1),
             r.token_ms_p50,
             r.token_ms_p90,
-            r.kv_bytes
+            r.kv_bytes,
+            or_dash(ceiling_at(r), 1),
         );
     }
     if let Some(f) = followup {

@@ -300,6 +300,8 @@ fn commands_print_the_documented_json() {
             (&r["loops"], &r["prompt_tokens"], &r["gen_tokens"]),
             (&loops.into(), &16.into(), &4.into())
         );
+        // Decode follows the prompt.
+        assert_eq!(r["depth"], 16);
         for field in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "token_ms_p50"] {
             assert!(r[field].as_f64().unwrap() > 0.0, "{field}");
         }
@@ -350,6 +352,91 @@ fn commands_print_the_documented_json() {
     let (code, _, stderr) = plait(&["bench", "--quant", "q4_1"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("--synthetic"), "{stderr}");
+}
+
+#[test]
+fn bench_depth_times_decode_after_each_context_and_prints_the_documented_json() {
+    let model = fixture("plt-tiny-2loop");
+    let model = model.to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--loops",
+            "1,2",
+            "--gen-tokens",
+            "3",
+            "--threads",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--no-followup", "--repeat", "2", "--json"]);
+        let (code, stdout, stderr) = plait(&args);
+        assert_eq!(code, 0, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        v["results"].as_array().unwrap().clone()
+    };
+    // A model: each context prefilled (its prefill timed), then reused for both counts.
+    let results = bench(&["--model", model, "--depth", "0,600"]);
+    let pairs: Vec<_> = results.iter().map(|r| (&r["depth"], &r["loops"])).collect();
+    let want = [(0, 1), (0, 2), (600, 1), (600, 2)].map(|(d, l)| (d.into(), l.into()));
+    assert_eq!(pairs, want.iter().map(|(d, l)| (d, l)).collect::<Vec<_>>());
+    for r in &results {
+        let at = r.to_string();
+        assert_eq!(r["gen_tokens"], 3, "{at}");
+        assert_eq!(r["prompt_tokens"], r["depth"], "{at}");
+        // A decode after a context is not a first token.
+        assert!(r["ttft_ms"].is_null(), "{at}");
+        assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0, "{at}");
+        assert!(
+            r["token_ms_p90"].as_f64() >= r["token_ms_p50"].as_f64(),
+            "{at}"
+        );
+        match r["depth"].as_u64() {
+            Some(0) => assert!(r["prefill_tok_s"].is_null(), "{at}"),
+            _ => assert!(r["prefill_tok_s"].as_f64().unwrap() > 0.0, "{at}"),
+        }
+        // No --copy-bandwidth: no ceiling.
+        assert!(r["decode_ceiling_tok_s"].is_null(), "{at}");
+    }
+    // Loop 0's cache holds the depth: more positions (past its first 512), more bytes.
+    assert!(results[2]["kv_bytes"].as_u64() > results[0]["kv_bytes"].as_u64());
+
+    // A synthetic model: random K/V, nothing prefilled; the ceiling counts the K/V read.
+    let config = fixture("plt-tiny-2loop").join("config.json");
+    let results = bench(&[
+        "--synthetic",
+        config.to_str().unwrap(),
+        "--depth",
+        "64",
+        "--copy-bandwidth",
+    ]);
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        let at = r.to_string();
+        assert_eq!(
+            (&r["depth"], &r["prompt_tokens"]),
+            (&64.into(), &0.into()),
+            "{at}"
+        );
+        assert!(
+            r["prefill_tok_s"].is_null() && r["ttft_ms"].is_null(),
+            "{at}"
+        );
+        let ceiling = r["decode_ceiling_tok_s"].as_f64().unwrap();
+        let fraction = r["ceiling_fraction"].as_f64().unwrap();
+        let rate = r["decode_tok_s"].as_f64().unwrap();
+        assert!(
+            (fraction - rate / ceiling).abs() < 1e-9 * fraction.max(1.0),
+            "{at}"
+        );
+    }
+
+    let (code, _, stderr) = plait(&["bench", "--depth", "8", "--prompt-tokens", "8"]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("--depth") && stderr.contains("--prompt-tokens"),
+        "{stderr}"
+    );
 }
 
 #[test]

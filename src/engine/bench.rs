@@ -27,21 +27,23 @@ pub fn synthetic_model(
     PltModel::synthetic(config, placement, quant.map(Quant::ggml))
 }
 
-/// Figures for one loop count.
+/// Figures for one loop count (at one depth).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoopBench {
     /// Loop count.
     pub loops: usize,
-    /// Prompt length.
+    /// Positions cached when the timed decode starts.
+    pub depth: usize,
+    /// Tokens prefilled in the timed prefill (0 when none was).
     pub prompt_tokens: usize,
     /// Tokens decoded.
     pub gen_tokens: usize,
-    /// Prompt tokens per second.
-    pub prefill_tok_s: f64,
+    /// Prompt tokens per second; None when no prefill was timed.
+    pub prefill_tok_s: Option<f64>,
     /// Decode steps per second.
     pub decode_tok_s: f64,
-    /// Prefill plus the first sample.
-    pub ttft_ms: f64,
+    /// Prefill plus the first sample; None when the decode does not follow a timed prefill.
+    pub ttft_ms: Option<f64>,
     /// Median decode step.
     pub token_ms_p50: f64,
     /// 90th percentile decode step.
@@ -102,16 +104,117 @@ pub fn bench_loop_counts(
     Ok(loop_counts
         .iter()
         .zip(&runs)
-        .map(|(&loops, runs)| summarize(loops, prompt_tokens, gen_tokens, runs))
+        .map(|(&loops, runs)| summarize(loops, prompt_tokens, prompt_tokens, gen_tokens, runs))
         .collect())
 }
 
+/// How [`bench_depths`] makes the context a decode runs after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DepthContext {
+    /// Prefilled once per depth and round at one loop, and copied for each loop count (its
+    /// loops >= 1 rebuilt as a loop-count change rebuilds them).
+    Prefill,
+    /// Random K/V, ring entries and carries ([`PltModel::random_context`]): for a model too
+    /// large to prefill thousands of tokens through on this machine.
+    Random,
+}
+
+/// Decode `gen_tokens` greedily after a context of each of `depths` positions, at each loop
+/// count of `loop_counts`, in `repeat` rounds that each run every pair once (figures pool
+/// the rounds, as [`bench_loop_counts`]'s). A prefilled context's prefill is timed at one
+/// loop and reported with every loop count of its depth.
+pub fn bench_depths(
+    model: &PltModel,
+    loop_counts: &[usize],
+    depths: &[usize],
+    gen_tokens: usize,
+    repeat: usize,
+    context: DepthContext,
+) -> Result<Vec<LoopBench>> {
+    let vocab = model.config().vocab_size;
+    // `[depth][loop count]`.
+    let mut runs: Vec<Vec<LoopRun>> = vec![Vec::new(); depths.len() * loop_counts.len()];
+    for _ in 0..repeat.max(1) {
+        for (di, &depth) in depths.iter().enumerate() {
+            let ids = bench_ids(depth, vocab, 0);
+            let prefilled = match context {
+                DepthContext::Prefill if depth > 0 => {
+                    let mut cache = model.new_cache(1)?;
+                    let started = Instant::now();
+                    model.prefill(&mut cache, &ids, Logits::None)?;
+                    model.device().synchronize()?;
+                    Some((cache, started.elapsed()))
+                }
+                _ => None,
+            };
+            for (li, &loops) in loop_counts.iter().enumerate() {
+                let mut cache = match &prefilled {
+                    Some((prefilled, _)) => {
+                        let mut cache = model.fork_cache(prefilled, depth)?;
+                        model.set_loops(&mut cache, loops)?;
+                        cache
+                    }
+                    None if depth > 0 => model.random_context(loops, &ids, 0)?,
+                    None => model.new_cache(loops)?,
+                };
+                // Room for every step, so that none pays for the cache growing.
+                cache.reserve(depth + WARM_STEPS + gen_tokens)?;
+                let first = ids.last().copied().unwrap_or(0);
+                let steps = decode_steps(model, &mut cache, first, WARM_STEPS + gen_tokens)?;
+                runs[di * loop_counts.len() + li].push(LoopRun {
+                    prefill: prefilled.as_ref().map(|(_, time)| *time),
+                    ttft: None,
+                    steps: steps[WARM_STEPS..].to_vec(),
+                    kv_bytes: cache.size_bytes(),
+                });
+            }
+        }
+    }
+    let mut results = Vec::with_capacity(runs.len());
+    for (di, &depth) in depths.iter().enumerate() {
+        for (li, &loops) in loop_counts.iter().enumerate() {
+            let runs = &runs[di * loop_counts.len() + li];
+            let prompt = if runs.iter().any(|r| r.prefill.is_some()) {
+                depth
+            } else {
+                0
+            };
+            results.push(summarize(loops, depth, prompt, gen_tokens, runs));
+        }
+    }
+    Ok(results)
+}
+
+/// Untimed decode steps before a depth's timed ones: the first step after a loop-count
+/// change or a fresh context touches memory the others find warm.
+const WARM_STEPS: usize = 2;
+
 /// The raw timings of one prefill and decode at one loop count.
+#[derive(Clone)]
 struct LoopRun {
-    prefill: Duration,
-    ttft: Duration,
+    prefill: Option<Duration>,
+    ttft: Option<Duration>,
     steps: Vec<Duration>,
     kv_bytes: usize,
+}
+
+/// Times `count` greedy decode steps from token `first`.
+fn decode_steps(
+    model: &PltModel,
+    cache: &mut crate::model::PltCache,
+    first: u32,
+    count: usize,
+) -> Result<Vec<Duration>> {
+    let mut sampler = Sampler::new(SamplingParams::default());
+    let mut next = first;
+    let mut steps = Vec::with_capacity(count);
+    for _ in 0..count {
+        let step = Instant::now();
+        let logits = model.decode(cache, next)?;
+        next = sampler.sample_tensor(&logits, &[])?;
+        steps.push(step.elapsed());
+    }
+    Ok(steps)
 }
 
 fn run_loops(
@@ -142,18 +245,12 @@ fn run_loops(
     // A GPU runs the queued work after prefill returns; wait for it (a no-op on the CPU).
     model.device().synchronize()?;
     let prefill = started.elapsed();
-    let mut next = sampler.sample_tensor(&logits, &[])?;
+    let first = sampler.sample_tensor(&logits, &[])?;
     let ttft = started.elapsed();
-    let mut steps = Vec::with_capacity(gen_tokens);
-    for _ in 0..gen_tokens {
-        let step = Instant::now();
-        let logits = model.decode(&mut cache, next)?;
-        next = sampler.sample_tensor(&logits, &[])?;
-        steps.push(step.elapsed());
-    }
+    let steps = decode_steps(model, &mut cache, first, gen_tokens)?;
     Ok(LoopRun {
-        prefill,
-        ttft,
+        prefill: Some(prefill),
+        ttft: Some(ttft),
         steps,
         kv_bytes: cache.size_bytes(),
     })
@@ -161,22 +258,30 @@ fn run_loops(
 
 /// One count's figures from its runs: rates over the summed times, the median TTFT, and
 /// step percentiles over every run's steps.
-fn summarize(loops: usize, prompt_tokens: usize, gen_tokens: usize, runs: &[LoopRun]) -> LoopBench {
+fn summarize(
+    loops: usize,
+    depth: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    runs: &[LoopRun],
+) -> LoopBench {
     let rate = |count: usize, time: Duration| match time.is_zero() {
         true => 0.0,
         false => (count * runs.len()) as f64 / time.as_secs_f64(),
     };
     let mut steps: Vec<Duration> = runs.iter().flat_map(|r| r.steps.iter().copied()).collect();
     steps.sort();
-    let mut ttfts: Vec<Duration> = runs.iter().map(|r| r.ttft).collect();
-    ttfts.sort();
+    let prefills: Option<Duration> = runs.iter().map(|r| r.prefill).sum();
+    let mut ttfts: Option<Vec<Duration>> = runs.iter().map(|r| r.ttft).collect();
+    ttfts.iter_mut().for_each(|t| t.sort());
     LoopBench {
         loops,
+        depth,
         prompt_tokens,
         gen_tokens,
-        prefill_tok_s: rate(prompt_tokens, runs.iter().map(|r| r.prefill).sum()),
+        prefill_tok_s: prefills.map(|time| rate(prompt_tokens, time)),
         decode_tok_s: rate(gen_tokens, steps.iter().sum()),
-        ttft_ms: percentile(&ttfts, 0.5),
+        ttft_ms: ttfts.map(|t| percentile(&t, 0.5)),
         token_ms_p50: percentile(&steps, 0.5),
         token_ms_p90: percentile(&steps, 0.9),
         kv_bytes: runs.last().map_or(0, |r| r.kv_bytes),
@@ -286,7 +391,7 @@ mod tests {
                 r.token_ms_p50 <= r.token_ms_p90 && r.decode_tok_s > 0.0,
                 "{r:?}"
             );
-            assert!(r.prefill_tok_s > 0.0 && r.kv_bytes > 0, "{r:?}");
+            assert!(r.prefill_tok_s > Some(0.0) && r.kv_bytes > 0, "{r:?}");
         }
         let c = model.config();
         // f32: more than the layers' matrices, less than all weights plus the embedding.

@@ -12,8 +12,8 @@ mod score;
 mod worker;
 
 pub use bench::{
-    bench_followup, bench_ids, bench_loop_counts, copy_bandwidth, synthetic_model, FollowupBench,
-    LoopBench,
+    bench_depths, bench_followup, bench_ids, bench_loop_counts, copy_bandwidth, synthetic_model,
+    DepthContext, FollowupBench, LoopBench,
 };
 pub use caches::default_cache_budget;
 pub use conversation::{

@@ -136,6 +136,23 @@ impl PltCache {
         Ok(copy)
     }
 
+    /// Fills a fresh cache with `tokens`' positions of random K/V, ring entries and
+    /// carries, with room for `room` more positions (see `PltModel::random_context`).
+    pub(crate) fn fill_random(&mut self, tokens: &[u32], room: usize) -> Result<()> {
+        self.reserve(tokens.len() + room)?;
+        let random = |t: &Tensor| -> Result<Tensor> {
+            let r = Tensor::randn(0f32, 1f32, t.shape(), &self.device)?;
+            Ok(r.to_dtype(t.dtype())?)
+        };
+        let fill = |ts: &[Tensor]| ts.iter().map(random).collect::<Result<Vec<_>>>();
+        (self.k0, self.v0) = (fill(&self.k0)?, fill(&self.v0)?);
+        (self.ring_k, self.ring_v) = (fill(&self.ring_k)?, fill(&self.ring_v)?);
+        self.carries = self.carries.as_ref().map(random).transpose()?;
+        self.tokens.extend_from_slice(tokens);
+        self.ring_valid_from = 0;
+        Ok(())
+    }
+
     /// Makes room in loop 0's cache for `needed` positions, growing in chunks (amortized).
     pub(crate) fn reserve(&mut self, needed: usize) -> Result<()> {
         if needed <= self.capacity {

@@ -321,6 +321,16 @@ impl PltModel {
         (layers + matrix(&self.lm_head) + bytes(&self.norm) + embed_row) as u64
     }
 
+    /// Bytes of K/V a decode step at `loops` loops reads with `depth` positions cached:
+    /// loop 0's keys and values up to and with the new position (read once for every loop's
+    /// row), and each upper loop's ring.
+    pub fn decode_kv_bytes(&self, depth: usize, loops: usize) -> u64 {
+        let c = &self.config;
+        let per_position = c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2;
+        let rings = loops.saturating_sub(1) * (c.plt_window + 1);
+        ((depth + 1 + rings) * per_position * self.kv_dtype().size_in_bytes()) as u64
+    }
+
     /// How the layers' weight matrices are stored ("F32", "Q4_1", ...).
     pub fn weight_storage(&self) -> String {
         self.layers
@@ -349,8 +359,23 @@ impl PltModel {
     /// An empty cache for a sequence run with `loops` loops.
     pub fn new_cache(&self, loops: usize) -> Result<PltCache> {
         self.check_loops(loops)?;
+        PltCache::new(self.cache_shape(), &self.device, loops)
+    }
+
+    /// A cache of `tokens`' positions at `loops` loops holding random K/V, ring entries
+    /// and carries instead of computed ones, with room for `room` more positions: decode at
+    /// a depth can be timed without prefilling it (8192 positions of a 7B model).
+    pub fn random_context(&self, loops: usize, tokens: &[u32], room: usize) -> Result<PltCache> {
+        self.check_loops(loops)?;
+        self.check_ids_at(0, tokens)?;
+        let mut cache = PltCache::new(self.cache_shape(), &self.device, loops)?;
+        cache.fill_random(tokens, room)?;
+        Ok(cache)
+    }
+
+    fn cache_shape(&self) -> CacheShape {
         let c = &self.config;
-        let shape = CacheShape {
+        CacheShape {
             layers: c.num_hidden_layers,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -358,8 +383,7 @@ impl PltModel {
             window: c.plt_window,
             dtype: self.dtype,
             kv_dtype: self.kv_dtype(),
-        };
-        PltCache::new(shape, &self.device, loops)
+        }
     }
 
     /// The K/V cache's dtype: f16 on the CPU for quantized weights (llama.cpp's default:
