@@ -698,6 +698,10 @@ pub(crate) trait KvElem: WithDType {
     fn from_f32(x: f32) -> Self;
     /// The elements of CPU storage of this type, to write.
     fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+    /// `x` as the bits of f16 values, when it is f16 (for the SIMD kernels' own conversion).
+    fn f16_bits(x: &[Self]) -> Option<&[u16]>;
+    /// `x` as f32 values, when it is f32.
+    fn f32s(x: &[Self]) -> Option<&[f32]>;
 }
 
 impl KvElem for f32 {
@@ -713,6 +717,12 @@ impl KvElem for f32 {
             CpuStorage::F32(v) => Some(v),
             _ => None,
         }
+    }
+    fn f16_bits(_: &[Self]) -> Option<&[u16]> {
+        None
+    }
+    fn f32s(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
     }
 }
 
@@ -731,6 +741,12 @@ impl KvElem for f16 {
             CpuStorage::F16(v) => Some(v),
             _ => None,
         }
+    }
+    fn f16_bits(x: &[Self]) -> Option<&[u16]> {
+        Some(x.reinterpret_cast())
+    }
+    fn f32s(_: &[Self]) -> Option<&[f32]> {
+        None
     }
 }
 
@@ -1424,42 +1440,88 @@ mod avx2 {
         scores::<__m512, K>(q, k, hd, scale, out);
     }
 
+    /// `x` (a multiple of 8 long) as f32: itself, or converted into `buf` with F16C.
+    #[inline(always)]
+    fn as_f32s<'a, K: KvElem>(x: &'a [K], buf: &'a mut [f32]) -> &'a [f32] {
+        if let Some(x) = K::f32s(x) {
+            return x;
+        }
+        let bits = K::f16_bits(x).unwrap_or_default();
+        for (d, s) in buf.chunks_exact_mut(8).zip(bits.chunks_exact(8)) {
+            // SAFETY: inlined only into functions compiled with F16C and AVX; `s` is 8 u16s
+            // (one unaligned 128-bit load) and `d` 8 f32s (one unaligned 256-bit store).
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr().cast());
+                _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+        &buf[..bits.len()]
+    }
+
     #[inline(always)]
     fn scores<V: F32s, K: KvElem>(q: &[f32], k: &[K], hd: usize, scale: f32, out: &mut [f32]) {
-        let n = k.len() / hd;
-        // A group's keys as f32, converted once for all queries when stored as f16.
-        let mut buf = Vec::new();
-        // Four keys at a time: four accumulators reduced together by three `hadd`s.
+        let (nq, n) = (q.len() / hd, k.len() / hd);
+        // Four keys at a time, converted once for all queries when stored as f16; two
+        // queries share each load of them.
+        let mut buf = vec![0f32; 4 * hd];
         for j in (0..n - n % 4).step_by(4) {
-            let keys = K::as_f32(&k[j * hd..(j + 4) * hd], &mut buf);
-            for (i, qi) in q.chunks_exact(hd).enumerate() {
-                let mut acc = [V::zero(); 4];
-                for c in (0..hd).step_by(V::LANES) {
-                    let qv = V::load(qi, c);
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        *a = V::fma(qv, V::load(keys, t * hd + c), *a);
-                    }
-                }
-                let acc = acc.map(V::to_256);
-                // SAFETY: inlined only into the entry points above, compiled with AVX2;
-                // `dst` is 4 f32s, one unaligned 128-bit store.
-                unsafe {
-                    let h = _mm256_hadd_ps(
-                        _mm256_hadd_ps(acc[0], acc[1]),
-                        _mm256_hadd_ps(acc[2], acc[3]),
-                    );
-                    // Lane t of each half holds half of key j + t's sum.
-                    let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-                    let s = _mm_mul_ps(s, _mm_set1_ps(scale));
-                    let dst = &mut out[i * n + j..i * n + j + 4];
-                    _mm_storeu_ps(dst.as_mut_ptr(), s);
-                }
+            let keys = as_f32s(&k[j * hd..(j + 4) * hd], &mut buf);
+            let mut i = 0;
+            while i + 2 <= nq {
+                four_scores::<V, 2>(q, i, keys, hd, scale, (j, n), out);
+                i += 2;
+            }
+            if i < nq {
+                four_scores::<V, 1>(q, i, keys, hd, scale, (j, n), out);
             }
         }
         for j in n - n % 4..n {
-            let key = K::as_f32(&k[j * hd..(j + 1) * hd], &mut buf);
+            let key = as_f32s(&k[j * hd..(j + 1) * hd], &mut buf);
             for (i, qi) in q.chunks_exact(hd).enumerate() {
                 out[i * n + j] = super::dot(qi, key) * scale;
+            }
+        }
+    }
+
+    /// Scores of queries `i0 .. i0 + Q` against the four keys `keys` (`[4, hd]`, keys
+    /// `j ..` of `n`): four accumulators per query reduced together by three `hadd`s.
+    #[inline(always)]
+    fn four_scores<V: F32s, const Q: usize>(
+        q: &[f32],
+        i0: usize,
+        keys: &[f32],
+        hd: usize,
+        scale: f32,
+        (j, n): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let mut acc = [[V::zero(); 4]; Q];
+        for c in (0..hd).step_by(V::LANES) {
+            // Written out: an array `map` is not inlined into the SIMD entry points.
+            let k = [
+                V::load(keys, c),
+                V::load(keys, hd + c),
+                V::load(keys, 2 * hd + c),
+                V::load(keys, 3 * hd + c),
+            ];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let qv = V::load(q, (i0 + r) * hd + c);
+                for (a, &k) in a.iter_mut().zip(&k) {
+                    *a = V::fma(qv, k, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let a = [a[0].to_256(), a[1].to_256(), a[2].to_256(), a[3].to_256()];
+            // SAFETY: inlined only into the entry points above, compiled with AVX2; `dst`
+            // is 4 f32s, one unaligned 128-bit store.
+            unsafe {
+                let h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                // Lane t of each half holds half of key j + t's sum.
+                let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                let s = _mm_mul_ps(s, _mm_set1_ps(scale));
+                let row = (i0 + r) * n + j;
+                _mm_storeu_ps(out[row..row + 4].as_mut_ptr(), s);
             }
         }
     }
@@ -1568,30 +1630,47 @@ mod avx2 {
 
     #[inline(always)]
     fn add_by_four_queries<V: F32s>(p: &[f32], v: &[f32], hd: usize, out: &mut [f32]) {
-        let nq = out.len() / hd;
+        let (nq, n) = (out.len() / hd, v.len() / hd);
+        let weights = Weights {
+            p,
+            stride: n,
+            start: 0,
+        };
         let mut i = 0;
         while i + 4 <= nq {
-            add_weighted_block::<V, 4>(p, v, hd, i, out);
+            add_weighted_block::<V, 4>(weights, v, hd, i, out);
             i += 4;
         }
         while i < nq {
-            add_weighted_block::<V, 1>(p, v, hd, i, out);
+            add_weighted_block::<V, 1>(weights, v, hd, i, out);
             i += 1;
         }
     }
 
-    /// Adds to the outputs of queries `i0 .. i0 + Q`, two vectors of columns at a time
-    /// while they last, then one.
+    /// Query i's weight of key j at `p[i * stride + start + j]`.
+    #[derive(Clone, Copy)]
+    struct Weights<'a> {
+        p: &'a [f32],
+        stride: usize,
+        start: usize,
+    }
+
+    /// Adds to the outputs of queries `i0 .. i0 + Q` their weighted sums of the `[n, hd]`
+    /// values `v`, two vectors of columns at a time while they last, then one.
     #[inline(always)]
     fn add_weighted_block<V: F32s, const Q: usize>(
-        p: &[f32],
+        weights: Weights<'_>,
         v: &[f32],
         hd: usize,
         i0: usize,
         out: &mut [f32],
     ) {
         let n = v.len() / hd;
-        let weights = &p[i0 * n..(i0 + Q) * n];
+        let mut rows: [&[f32]; Q] = [&[]; Q];
+        for (r, row) in rows.iter_mut().enumerate() {
+            let at = (i0 + r) * weights.stride + weights.start;
+            *row = &weights.p[at..at + n];
+        }
         let mut c = 0;
         while c < hd {
             let w = if c + 2 * V::LANES <= hd { 2 } else { 1 };
@@ -1608,8 +1687,8 @@ mod avx2 {
                 } else {
                     V::zero()
                 };
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let b = V::splat(weights[r * n + j]);
+                for (a, w) in acc.iter_mut().zip(&rows) {
+                    let b = V::splat(w[j]);
                     a[0] = V::fma(b, v0, a[0]);
                     a[1] = V::fma(b, v1, a[1]);
                 }
@@ -1648,60 +1727,34 @@ mod avx2 {
 
     #[inline(always)]
     fn weighted<V: F32s, K: KvElem>(p: &[f32], v: &[K], hd: usize, out: &mut [f32]) {
-        let n = v.len() / hd;
+        let (nq, n) = (out.len() / hd, v.len() / hd);
         // f16 values in blocks of keys, each converted once for all queries; f32 values are
-        // read in place, as one block.
+        // read in place, as one block. Four queries share each load of them.
         let block = if K::CONVERTS { VALUE_BLOCK } else { n.max(1) };
-        let mut buf = Vec::new();
+        let mut buf = vec![0f32; if K::CONVERTS { block * hd } else { 0 }];
+        out.fill(0.0);
         for start in (0..n).step_by(block) {
             let end = (start + block).min(n);
-            let values = K::as_f32(&v[start * hd..end * hd], &mut buf);
-            for (pi, o) in p.chunks_exact(n).zip(out.chunks_exact_mut(hd)) {
-                let (pi, add) = (&pi[start..end], start > 0);
-                let mut c = 0;
-                // Four accumulators at a time while they last, then one.
-                while c + 4 * V::LANES <= hd {
-                    weighted_columns::<V, 4>(pi, values, hd, c, o, add);
-                    c += 4 * V::LANES;
-                }
-                while c < hd {
-                    weighted_columns::<V, 1>(pi, values, hd, c, o, add);
-                    c += V::LANES;
-                }
+            let values = as_f32s(&v[start * hd..end * hd], &mut buf);
+            let weights = Weights {
+                p,
+                stride: n,
+                start,
+            };
+            let mut i = 0;
+            while i + 4 <= nq {
+                add_weighted_block::<V, 4>(weights, values, hd, i, out);
+                i += 4;
+            }
+            while i < nq {
+                add_weighted_block::<V, 1>(weights, values, hd, i, out);
+                i += 1;
             }
         }
     }
 
     /// Keys per block of converted f16 values.
     const VALUE_BLOCK: usize = 32;
-
-    /// Columns `c .. c + W * LANES` of `o = sum_j p[j] * v_j` (added to `o` if `add`),
-    /// accumulated in registers.
-    #[inline(always)]
-    fn weighted_columns<V: F32s, const W: usize>(
-        p: &[f32],
-        v: &[f32],
-        hd: usize,
-        c: usize,
-        o: &mut [f32],
-        add: bool,
-    ) {
-        let mut acc = [V::zero(); W];
-        if add {
-            for (w, a) in acc.iter_mut().enumerate() {
-                *a = V::load(o, c + w * V::LANES);
-            }
-        }
-        for (j, &pj) in p.iter().enumerate() {
-            let b = V::splat(pj);
-            for (w, a) in acc.iter_mut().enumerate() {
-                *a = V::fma(b, V::load(v, j * hd + c + w * V::LANES), *a);
-            }
-        }
-        for (w, a) in acc.iter().enumerate() {
-            a.store(&mut o[c + w * V::LANES..]);
-        }
-    }
 
     /// Instantiates the kernels for 1..=MAX_ROWS rows; inlined into each instruction
     /// set's entry point so that it is compiled with that set's features.
