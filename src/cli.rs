@@ -689,19 +689,23 @@ fn bench(args: BenchArgs) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let placement = args.device.placement()?;
-    let (name, model) = match &args.synthetic {
+    // A model with its tokenizer (for the follow-up's conversation), or random weights.
+    let (name, mut loaded, synthetic) = match &args.synthetic {
         Some(config) => (
             format!("synthetic {config}"),
-            engine::synthetic_model(config, &placement, args.quant)?,
+            None,
+            Some(engine::synthetic_model(config, &placement, args.quant)?),
         ),
         None => {
             let path = model_path(args.model.as_deref())?;
             let loaded = LoadedModel::load_with_progress(&path, &placement, &mut |_| {})
                 .with_context(|| format!("cannot load model from {}", path.display()))?;
-            (path.display().to_string(), loaded.model)
+            (path.display().to_string(), Some(loaded), None)
         }
     };
-    let model: &PltModel = &model;
+    let Some(model) = loaded.as_ref().map(|l| &l.model).or(synthetic.as_ref()) else {
+        bail!("no model to bench");
+    };
     // 2 GiB: long enough that timing overhead is noise even at several TB/s.
     let bandwidth = args
         .copy_bandwidth
@@ -740,17 +744,29 @@ fn bench(args: BenchArgs) -> Result<()> {
         let bytes = weight_bytes + model.decode_kv_bytes(r.depth, r.loops);
         bandwidth.map(|gb_s| gb_s * 1e9 / bytes as f64)
     };
+    let ceilings: Vec<Option<f64>> = results.iter().map(ceiling_at).collect();
     let followup_loops = args
         .loops
         .first()
         .map_or(model.config().plt_num_loops, |&l| usize::from(l));
-    let followup = (!args.no_followup)
-        .then(|| engine::bench_followup(model, followup_loops, 512, 32))
-        .transpose()?;
+    let (device, weights) = (device_name(model.device()), model.weight_storage());
+    let kernels = model.decode_kernels().name();
+    // The follow-up runs the engine on the loaded model, which it takes.
+    let followup = match (args.no_followup, loaded.take()) {
+        (false, Some(loaded)) => Some(engine::bench_followup(
+            loaded,
+            followup_loops,
+            512,
+            32,
+            repeat,
+        )?),
+        _ => None,
+    };
     if args.json {
         let results: Vec<serde_json::Value> = results
             .iter()
-            .map(|r| {
+            .zip(&ceilings)
+            .map(|(r, &ceiling_at)| {
                 json!({
                     "loops": r.loops,
                     "depth": r.depth,
@@ -762,16 +778,16 @@ fn bench(args: BenchArgs) -> Result<()> {
                     "token_ms_p50": r.token_ms_p50,
                     "token_ms_p90": r.token_ms_p90,
                     "kv_bytes": r.kv_bytes,
-                    "decode_ceiling_tok_s": ceiling_at(r),
-                    "ceiling_fraction": ceiling_at(r).map(|c| r.decode_tok_s / c),
+                    "decode_ceiling_tok_s": ceiling_at,
+                    "ceiling_fraction": ceiling_at.map(|c| r.decode_tok_s / c),
                 })
             })
             .collect();
         let out = json!({
             "model": name,
-            "device": device_name(model.device()),
-            "weights": model.weight_storage(),
-            "kernels": model.decode_kernels().name(),
+            "device": device,
+            "weights": weights,
+            "kernels": kernels,
             "threads": threads,
             "decode_weight_bytes": weight_bytes,
             "copy_gb_s": bandwidth,
@@ -788,10 +804,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "model {name} ({}) on {} ({threads} threads, {} decode), {:.1} MB of weights per token",
-        model.weight_storage(),
-        device_name(model.device()),
-        model.decode_kernels().name(),
+        "model {name} ({weights}) on {device} ({threads} threads, {kernels} decode), {:.1} MB \
+         of weights per token",
         weight_bytes as f64 / 1e6
     );
     if let (Some(gb_s), Some(ceiling)) = (bandwidth, ceiling) {
@@ -815,7 +829,7 @@ fn bench(args: BenchArgs) -> Result<()> {
         Some(v) => format!("{v:.digits$}"),
         None => "-".into(),
     };
-    for r in &results {
+    for (r, &ceiling_at) in results.iter().zip(&ceilings) {
         println!(
             "{:>5} {:>6} {:>7} {:>5} {:>12} {:>11.1} {:>9} {:>8.2} {:>8.2} {:>10} {:>8}",
             r.loops,
@@ -828,7 +842,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             r.token_ms_p50,
             r.token_ms_p90,
             r.kv_bytes,
-            or_dash(ceiling_at(r), 1),
+            or_dash(ceiling_at, 1),
         );
     }
     if let Some(f) = followup {

@@ -308,13 +308,13 @@ fn commands_print_the_documented_json() {
         assert!(r["token_ms_p90"].as_f64() >= r["token_ms_p50"].as_f64());
         assert!(r["kv_bytes"].as_u64().unwrap() > 0);
     }
-    assert_eq!(
-        (
-            &v["followup"]["context_tokens"],
-            &v["followup"]["new_tokens"]
-        ),
-        (&512.into(), &32.into())
-    );
+    // A conversation of a user message of at least 512 tokens and its answer, then a
+    // question of at least 32: the kept cache holds at least the first message, and the
+    // rest (the question, and the answer as far as its text encodes to other ids than
+    // those generated) is new.
+    let f = &v["followup"];
+    assert!(f["context_tokens"].as_u64().unwrap() >= 512, "{f}");
+    assert!(f["new_tokens"].as_u64().unwrap() >= 32, "{f}");
     for field in ["ttft_cached_ms", "ttft_uncached_ms"] {
         assert!(v["followup"][field].as_f64().unwrap() > 0.0, "{field}");
     }

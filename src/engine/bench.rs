@@ -4,8 +4,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::{ChatMessage, Engine, EngineOptions, Event, GenerateJob, Prompt, Request};
 use crate::model::{
-    Logits, ModelError, Placement, PltConfig, PltModel, Quant, Result, Sampler, SamplingParams,
+    DeviceSpec, LoadedModel, Logits, ModelError, Placement, PltConfig, PltModel, Quant, Result,
+    Sampler, SamplingParams, TextTokenizer,
 };
 
 /// The released LoopCoder-V2 checkpoint's config.json (from the model contract).
@@ -288,37 +290,170 @@ fn summarize(
     }
 }
 
-/// TTFT of a `new_tokens` follow-up after a `context_tokens` conversation, kept cache vs cold.
+/// TTFT of a follow-up question of about `new_tokens` tokens after a conversation of about
+/// `context_tokens` (a user message of code and the model's short answer), timed through
+/// the engine as a user meets it: messages in, template rendered, tokenized, the kept cache
+/// found, first token out. With the conversation's cache kept, and after a reset (cold);
+/// the median of `rounds` of each. The engine runs on `loaded` at `loops` loops.
 pub fn bench_followup(
-    model: &PltModel,
+    loaded: LoadedModel,
     loops: usize,
     context_tokens: usize,
     new_tokens: usize,
+    rounds: usize,
 ) -> Result<FollowupBench> {
-    let vocab = model.config().vocab_size;
-    let context = bench_ids(context_tokens, vocab, 0);
-    let whole: Vec<u32> = context
-        .iter()
-        .copied()
-        .chain(bench_ids(new_tokens, vocab, context_tokens))
-        .collect();
-    let mut sampler = Sampler::new(SamplingParams::default());
-    let mut time_to_first = |cache: &mut crate::model::PltCache| -> Result<f64> {
-        let started = Instant::now();
-        let (logits, _) = model.prefill_reusing(cache, &whole, &mut |_, _| {})?;
-        sampler.sample_tensor(&logits, &[])?;
-        Ok(ms(started.elapsed()))
-    };
-    let mut kept = model.new_cache(loops)?;
-    model.prefill(&mut kept, &context, Logits::None)?;
-    let ttft_cached_ms = time_to_first(&mut kept)?;
-    let ttft_uncached_ms = time_to_first(&mut model.new_cache(loops)?)?;
-    Ok(FollowupBench {
+    let tokenizer = loaded.tokenizer.as_ref().ok_or_else(|| {
+        ModelError::Encode("a follow-up needs a model with a tokenizer and template".into())
+    })?;
+    let code = text_of_tokens(
+        tokenizer,
         context_tokens,
-        new_tokens,
-        ttft_cached_ms,
-        ttft_uncached_ms,
+        "let value_{i} = compute({i}, \"item {i}\");\n",
+    )?;
+    let question = text_of_tokens(tokenizer, new_tokens, "Why does line {i} call compute? ")?;
+    let (events, inbox) = std::sync::mpsc::channel();
+    let options = EngineOptions {
+        model: "bench".into(),
+        loops: Some(loops),
+        context_size: None,
+        device: DeviceSpec::Cpu,
+        dtype: None,
+        cache_budget: None,
+    };
+    let engine = Engine::spawn_loaded(loaded, options, move |e| {
+        let _ = events.send(e);
     })
+    .map_err(|e| ModelError::Encode(format!("cannot start the engine: {e}")))?;
+    let mut turns = Turns {
+        engine: &engine,
+        inbox: &inbox,
+        next_id: 0,
+    };
+    turns.wait(|e| matches!(e, Event::Loaded(_)))?;
+    let user = |text: &str| ChatMessage::new("user", text);
+    let (mut cached, mut cold) = (Vec::new(), Vec::new());
+    let mut shape = (0, 0);
+    for _ in 0..rounds.max(1) {
+        turns.reset()?;
+        let (answer, _) = turns.ask(vec![user(&code)], 16)?;
+        let followup = vec![
+            user(&code),
+            ChatMessage::new("assistant", answer),
+            user(&question),
+        ];
+        let (_, kept) = turns.ask(followup.clone(), 1)?;
+        turns.reset()?;
+        let (_, fresh) = turns.ask(followup, 1)?;
+        shape = (kept.cached_tokens, kept.prompt_tokens - kept.cached_tokens);
+        cached.push(kept.first_token);
+        cold.push(fresh.first_token);
+    }
+    cached.sort();
+    cold.sort();
+    Ok(FollowupBench {
+        context_tokens: shape.0,
+        new_tokens: shape.1,
+        ttft_cached_ms: percentile(&cached, 0.5),
+        ttft_uncached_ms: percentile(&cold, 0.5),
+    })
+}
+
+/// Text of about `tokens` tokens: `line` (with `{i}` numbered) repeated until it has them.
+fn text_of_tokens(tokenizer: &TextTokenizer, tokens: usize, line: &str) -> Result<String> {
+    let mut text = String::new();
+    for i in 0.. {
+        if tokenizer.encode(&text, false)?.len() >= tokens {
+            break;
+        }
+        text.push_str(&line.replace("{i}", &i.to_string()));
+    }
+    Ok(text)
+}
+
+/// A turn's figures as the engine reported them and as its client timed them.
+struct TurnTiming {
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    /// From the request sent to its first token's event.
+    first_token: Duration,
+}
+
+/// Turns of one conversation with the engine, each waited for.
+struct Turns<'a> {
+    engine: &'a Engine,
+    inbox: &'a std::sync::mpsc::Receiver<Event>,
+    next_id: u64,
+}
+
+impl Turns<'_> {
+    /// The next event that `done` accepts; an engine failure is an error.
+    fn wait(&mut self, mut done: impl FnMut(&Event) -> bool) -> Result<Event> {
+        loop {
+            let event = self
+                .inbox
+                .recv_timeout(Duration::from_secs(600))
+                .map_err(|_| {
+                    ModelError::Encode("the engine stopped answering during the follow-up".into())
+                })?;
+            match event {
+                Event::Failed { message, .. } | Event::LoadFailed(message) => {
+                    return Err(ModelError::Encode(message))
+                }
+                e if done(&e) => return Ok(e),
+                _ => {}
+            }
+        }
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        self.engine.send(Request::Reset);
+        self.wait(|e| matches!(e, Event::ResetDone)).map(drop)
+    }
+
+    /// Asks `messages` greedily for up to `max_tokens`: the answer's text and its timing.
+    fn ask(
+        &mut self,
+        messages: Vec<ChatMessage>,
+        max_tokens: usize,
+    ) -> Result<(String, TurnTiming)> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let sent = Instant::now();
+        self.engine.send(Request::Generate(GenerateJob {
+            id,
+            prompt: Prompt::Chat {
+                messages,
+                drop_oldest: false,
+                tools: Vec::new(),
+            },
+            sampling: super::SamplingParams::default(),
+            max_tokens: Some(max_tokens),
+            loops: None,
+            cache_key: None,
+        }));
+        let (mut text, mut first, mut counts) = (String::new(), None, (0, 0));
+        loop {
+            match self.wait(|_| true)? {
+                Event::Started {
+                    prompt_tokens,
+                    cached_tokens,
+                    ..
+                } => counts = (prompt_tokens, cached_tokens),
+                Event::Token { text: t, .. } => {
+                    first.get_or_insert_with(|| sent.elapsed());
+                    text.push_str(&t);
+                }
+                Event::Done { .. } => break,
+                _ => {}
+            }
+        }
+        let timing = TurnTiming {
+            prompt_tokens: counts.0,
+            cached_tokens: counts.1,
+            first_token: first.unwrap_or_else(|| sent.elapsed()),
+        };
+        Ok((text, timing))
+    }
 }
 
 /// Memory bandwidth in GB/s, the ceiling a decode step is held to: on a GPU a device copy

@@ -50,10 +50,25 @@ impl Engine {
         options: EngineOptions,
         sink: impl Fn(Event) + Send + 'static,
     ) -> std::io::Result<Self> {
+        Self::spawn_with(move |inbox| run(options, inbox, &sink))
+    }
+
+    /// Starts the worker on a model already loaded (`options.model` names it; its device
+    /// and dtype are the loaded model's).
+    pub fn spawn_loaded(
+        loaded: LoadedModel,
+        options: EngineOptions,
+        sink: impl Fn(Event) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        Self::spawn_with(move |inbox| serve_loaded(loaded, &options, inbox, &sink))
+    }
+
+    /// The worker thread running `work` on the requests sent to it.
+    fn spawn_with(work: impl FnOnce(Receiver<Request>) + Send + 'static) -> std::io::Result<Self> {
         let (requests, inbox) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("plait-engine".into())
-            .spawn(move || run(options, inbox, &sink))?;
+            .spawn(move || work(inbox))?;
         Ok(Self {
             requests,
             thread: Some(thread),
@@ -143,14 +158,24 @@ fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
             return;
         }
     };
+    serve_loaded(loaded, &options, inbox, sink);
+}
+
+/// Serves requests with a loaded model until Shutdown.
+fn serve_loaded(
+    loaded: LoadedModel,
+    options: &EngineOptions,
+    inbox: Receiver<Request>,
+    sink: &dyn Fn(Event),
+) {
     let loops = options.loops.unwrap_or(loaded.model.config().plt_num_loops);
     if let Err(e) = loaded.model.check_loops(loops) {
         sink(Event::LoadFailed(e.to_string()));
         return;
     }
-    sink(Event::Loaded(model_info(&loaded, &options, loops)));
+    sink(Event::Loaded(model_info(&loaded, options, loops)));
     let mut worker = Worker {
-        context: context_size(&loaded, &options),
+        context: context_size(&loaded, options),
         loaded,
         loops,
         caches: CachePool::new(options.cache_budget.unwrap_or_else(default_cache_budget)),

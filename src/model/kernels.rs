@@ -28,6 +28,9 @@ const QK: usize = 32;
 const MAX_ROWS: usize = 8;
 /// Below this much work (weights times activation rows, at most [`MAX_ROWS`]) a product runs
 /// on the calling thread: waking the pool costs more than it saves.
+/// Weight bytes of the tiles that every row group runs over in turn: they stay in L2.
+const L2_WEIGHT_BYTES: usize = 256 << 10;
+
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// The block formats the kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,36 +377,63 @@ impl QuantMatrix {
         let first_tile = cols.start / TILE;
         let tiles = cols.end.div_ceil(TILE) - first_tile;
         let skip = cols.start - first_tile * TILE;
-        let mut y = vec![0f32; rows * n];
-        let threads = pool_threads();
-        let mut r0 = 0;
-        while r0 < rows {
-            let g = (rows - r0).min(MAX_ROWS);
-            let q8 = Q8Rows::quantize(&x[r0 * k..(r0 + g) * k], g, k, isa);
-            // `[tiles][g][TILE]`, so each piece is one contiguous range of tiles.
-            let mut out = vec![0f32; tiles * TILE * g];
-            if parallel && threads > 1 && n * k * g >= PARALLEL_MIN_WORK {
-                let per = tiles.div_ceil(threads);
-                parallel_pieces(&mut out, per * TILE * g, |i, piece| {
-                    self.tiles(&q8, first_tile + i * per, piece, isa);
-                });
-            } else {
-                self.tiles(&q8, first_tile, &mut out, isa);
-            }
-            if g == 1 {
-                y[r0 * n..(r0 + 1) * n].copy_from_slice(&out[skip..skip + n]);
-            } else {
-                // Column `skip + j` of the tiles is output column j.
-                for (t, tile) in out.chunks_exact(g * TILE).enumerate() {
-                    let (from, to) = ((t * TILE).max(skip), ((t + 1) * TILE).min(skip + n));
-                    for (r, src) in tile.chunks_exact(TILE).enumerate() {
-                        let dst = (r0 + r) * n;
-                        y[dst + from - skip..dst + to - skip]
-                            .copy_from_slice(&src[from - t * TILE..to - t * TILE]);
+        // Every group of up to MAX_ROWS rows quantized first; then each thread takes a run
+        // of tiles and, a block of tiles at a time (their weights held in L2), runs every
+        // group over it: the weights come from memory once per product, not once per group.
+        let groups: Vec<Q8Rows> = (0..rows)
+            .step_by(MAX_ROWS)
+            .map(|r0| {
+                let g = (rows - r0).min(MAX_ROWS);
+                Q8Rows::quantize(&x[r0 * k..(r0 + g) * k], g, k, isa)
+            })
+            .collect();
+        let threads = match parallel && n * k * rows >= PARALLEL_MIN_WORK {
+            true => pool_threads(),
+            false => 1,
+        };
+        let per = tiles.div_ceil(threads);
+        let tile_bytes = TILE * k / QK * self.format.block_bytes();
+        let block = (L2_WEIGHT_BYTES / tile_bytes).max(1);
+        // `[piece][row][per * TILE]`: each piece's outputs for every row.
+        let mut pieces = vec![0f32; per * threads * TILE * rows];
+        let run = |i: usize, piece: &mut [f32]| {
+            let first = first_tile + i * per;
+            let count = per.min((first_tile + tiles).saturating_sub(first));
+            let mut out = Vec::new();
+            for b0 in (0..count).step_by(block) {
+                let nb = block.min(count - b0);
+                let mut r0 = 0;
+                for q8 in &groups {
+                    out.resize(nb * TILE * q8.rows, 0.0);
+                    self.tiles(q8, first + b0, &mut out, isa);
+                    // `out` is `[tile][row][TILE]`.
+                    for (t, tile) in out.chunks_exact(q8.rows * TILE).enumerate() {
+                        for (r, src) in tile.chunks_exact(TILE).enumerate() {
+                            let at = (r0 + r) * per * TILE + (b0 + t) * TILE;
+                            piece[at..at + TILE].copy_from_slice(src);
+                        }
                     }
+                    r0 += q8.rows;
                 }
             }
-            r0 += g;
+        };
+        if threads > 1 {
+            parallel_pieces(&mut pieces, per * TILE * rows, run);
+        } else {
+            run(0, &mut pieces);
+        }
+        // Column `skip + j` of the tiles is output column j.
+        let mut y = vec![0f32; rows * n];
+        for (i, piece) in pieces.chunks_exact(per * TILE * rows).enumerate() {
+            let from = (i * per * TILE).max(skip);
+            let to = ((i + 1) * per * TILE).min(skip + n);
+            if from >= to {
+                continue;
+            }
+            for (r, src) in piece.chunks_exact(per * TILE).enumerate() {
+                let src = &src[from - i * per * TILE..to - i * per * TILE];
+                y[r * n + from - skip..r * n + to - skip].copy_from_slice(src);
+            }
         }
         y
     }
@@ -2082,6 +2112,32 @@ pub(crate) mod tests {
             }
         }
         x
+    }
+
+    #[test]
+    fn a_product_of_many_rows_over_many_tile_blocks_equals_its_rows_alone() {
+        // 4096-long columns: a block of tiles that stays in L2 is 12 of the 130 tiles; 19
+        // rows are three row groups; columns 13..1000 start and end inside tiles.
+        let (n, k, rows) = (1037, 4096, 19);
+        for dtype in FORMATS {
+            let q = quantized(n, k, 23, dtype);
+            let (m, _) = QuantMatrix::from_qtensors(&[&q], Isa::widest()).unwrap();
+            let x = with_outliers(rows, k, 5);
+            for isa in Isa::supported() {
+                for cols in [0..n, 13..1000] {
+                    let all = m.matmul_with(&x, rows, cols.clone(), isa, true);
+                    let alone: Vec<f32> = x
+                        .chunks_exact(k)
+                        .flat_map(|row| m.matmul_with(row, 1, cols.clone(), isa, false))
+                        .collect();
+                    let err = max_abs_diff(&all, &alone);
+                    assert!(
+                        err <= 1e-6 * rms(&alone),
+                        "{isa:?} {dtype:?} {cols:?}: {err}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
