@@ -4,14 +4,21 @@
 # PyPI carries (pinned, checked by its sha256), with cmake and ninja from PyPI, into
 # .test-clients/ (ignored by git). Takes about 8 minutes on two cores; a second run
 # reuses the build. Prints the environment the tests read; `.ci/run` evaluates it.
+# Other llama.cpp tools from the same build may be named (`llama-bench llama-batched-bench`,
+# for docs/PERFORMANCE.md's side-by-side runs); llama-server is always built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VERSION=0.3.36
 dir=.test-clients/llama
 server="$dir/build/bin/llama-server"
+targets="llama-server $*"
+missing=no
+for t in $targets; do
+  [ -x "$dir/build/bin/$t" ] || missing=yes
+done
 
-if [ ! -x "$server" ]; then
+if [ "$missing" = yes ]; then
   mkdir -p "$dir"
   python3 -m venv "$dir/venv" >&2
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check cmake ninja >&2
@@ -38,6 +45,7 @@ EOF
     -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
     -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON >&2
-  PATH="$PWD/$dir/venv/bin:$PATH" cmake --build "$dir/build" --target llama-server -j 2 >&2
+  # shellcheck disable=SC2086 # one target per word
+  PATH="$PWD/$dir/venv/bin:$PATH" cmake --build "$dir/build" --target $targets -j 2 >&2
 fi
 echo "export PLAIT_TEST_LLAMA_SERVER=$PWD/$server"
