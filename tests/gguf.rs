@@ -253,9 +253,7 @@ fn the_decode_path_stays_near_the_prefill_path_at_every_kernel_width() {
             started.elapsed()
         );
         // Measured over the whole text on an AMD EPYC with AVX2: plait's kernels (outliers
-        // kept in f32) kl_mean 0.0018, kl_p99 0.009, kl_max 0.026 (0.0013 / 0.007 / 0.018
-        // while the prefill multiplied dequantized f32 weights; both paths now quantize
-        // their activations, with different roundings); candle's int8 products
+        // kept in f32) kl_mean 0.0013, kl_p99 0.007, kl_max 0.018; candle's int8 products
         // (no outlier handling) 0.0033 / 0.016 / 0.041, and up to 0.17 at one step of a
         // 69-token chat prompt, so its maximum is only bounded loosely.
         let kl_max = if kernels == CpuKernels::Candle {

@@ -332,7 +332,6 @@ impl QuantMatrix {
 
     /// Columns `cols` as f32 rows `[cols.len(), k]`: `d * q + m` (Q4_1) or `d * q` (Q8_0)
     /// per weight, the values candle's dequantization gives for the same blocks.
-    #[cfg(test)]
     pub(crate) fn dequantize(&self, cols: Range<usize>) -> Vec<f32> {
         assert!(
             cols.end <= self.n,

@@ -1018,10 +1018,13 @@ impl DecoderLayer {
     }
 }
 
-/// Rows from which a matrix in a format plait has no kernel for is dequantized for one f32
-/// GEMM: candle's quantized kernels redo their unpacking for every row. plait's own kernels
-/// stay faster at any row count (int8 products, as llama.cpp's prompt processing).
-const DEQUANTIZE_FROM_ROWS: usize = 32;
+/// Rows from which a quantized matrix is dequantized for one f32 GEMM. plait's int8 kernels
+/// are about twice as fast at any row count (as llama.cpp's prompt processing: pp2048 300
+/// vs 245 tok/s on the default model), but f32 activations keep a prompt's prefill at the
+/// float64 forward's scores (the default model's text: nll within 1e-4 of it, 3e-3 with
+/// int8), the reference the decode path is checked against. A follow-up turn's few new
+/// rows, the cost a user waits for at every turn, take the kernels, as decode does.
+const DEQUANTIZE_FROM_ROWS: usize = 64;
 
 /// A weight matrix: candle's (dense, or quantized in a format plait has no kernel for), or
 /// columns of one of plait's multi-row kernel matrices (Q4_1, Q8_0 and Q4_K on the CPU),
@@ -1144,13 +1147,19 @@ impl Matrix {
     }
 }
 
-/// `x @ w^T`: plait's kernels, else candle's quantized kernels for few rows (decode) and
-/// one f32 GEMM for many (prefill).
+/// `x @ w^T`: plait's kernels or candle's quantized kernels for few rows (decode), one f32
+/// GEMM for many (prefill).
 fn matmul(w: &Matrix, x: &Tensor) -> candle_core::Result<Tensor> {
     let rows = x.dim(0)?;
     match w {
         Matrix::Candle(QMatMul::QTensor(q)) if rows >= DEQUANTIZE_FROM_ROWS => {
             let dense = q.dequantize(x.device())?;
+            x.matmul(&dense.t()?)
+        }
+        // Kernels exist only for CPU models, which compute in f32.
+        Matrix::Kernel(f) if rows >= DEQUANTIZE_FROM_ROWS => {
+            let dense = f.kernel.dequantize(f.cols.clone());
+            let dense = Tensor::from_vec(dense, (f.cols.len(), f.kernel.k()), x.device())?;
             x.matmul(&dense.t()?)
         }
         Matrix::Kernel(f) => {
