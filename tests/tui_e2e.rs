@@ -217,13 +217,17 @@ fn status_has(text: &str, parts: &[&str]) -> bool {
 /// (no "(failed)" or "(cancelled)" after it), in that order from the top.
 fn chat_has_answer(text: &str) -> bool {
     let rows: Vec<&str> = text.lines().map(str::trim).collect();
-    let Some(you) = rows.iter().position(|r| *r == "you") else {
+    if let Some(you) = rows.iter().position(|r| *r == "you") {
+        if let Some(hello) = rows[you + 1..].iter().position(|r| *r == "hello") {
+            return rows[you + 1 + hello + 1..].contains(&"plait");
+        }
+    }
+    // An answer longer than the pane scrolled the question out of sight: the pane is full
+    // of its text down to the message box.
+    let Some(message) = rows.iter().position(|r| r.starts_with("┌ message")) else {
         return false;
     };
-    let Some(hello) = rows[you + 1..].iter().position(|r| *r == "hello") else {
-        return false;
-    };
-    rows[you + 1 + hello + 1..].contains(&"plait")
+    !rows.iter().any(|r| *r == "you") && message > 2 && !rows[message - 1].is_empty()
 }
 
 #[test]
