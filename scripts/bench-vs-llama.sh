@@ -13,8 +13,9 @@ mkdir -p "$out"
 plait=./target/release/plait
 llama_bench=.test-clients/llama/build/bin/llama-bench
 model=${PLAIT_DATA_DIR:-$HOME/.local/share/plait}/models/SmolLM2-135M-Instruct.Q4_1.gguf
-# The default model's context is 8192 positions: the deepest decode that fits 64 tokens.
-depths=0,2048,4096,8128
+# The default model's context is 8192 positions: the deepest decode that fits 64 tokens
+# and plait's 2 untimed warm-up steps.
+depths=0,2048,4096,8126
 
 run() {
   local name=$1

@@ -736,7 +736,13 @@ fn bench(args: BenchArgs) -> Result<()> {
                 args.gen_tokens,
                 repeat,
                 context,
-            )?
+            )
+            .with_context(|| {
+                format!(
+                    "--depth {depths:?} with --gen-tokens {} (and 2 untimed warm-up steps)",
+                    args.gen_tokens
+                )
+            })?
         }
     };
     // Per result: the rate at which a step reads the weights and the K/V at its depth.

@@ -227,7 +227,7 @@ fn chat_has_answer(text: &str) -> bool {
     let Some(message) = rows.iter().position(|r| r.starts_with("┌ message")) else {
         return false;
     };
-    !rows.iter().any(|r| *r == "you") && message > 2 && !rows[message - 1].is_empty()
+    !rows.contains(&"you") && message > 2 && !rows[message - 1].is_empty()
 }
 
 #[test]

@@ -133,7 +133,17 @@ pub fn bench_depths(
     repeat: usize,
     context: DepthContext,
 ) -> Result<Vec<LoopBench>> {
-    let vocab = model.config().vocab_size;
+    let (vocab, max) = (
+        model.config().vocab_size,
+        model.config().max_position_embeddings,
+    );
+    // Every step must fit before any context is prefilled.
+    if let Some(&depth) = depths.iter().find(|&&d| d + WARM_STEPS + gen_tokens > max) {
+        return Err(ModelError::ContextOverflow {
+            len: depth + WARM_STEPS + gen_tokens,
+            max,
+        });
+    }
     // `[depth][loop count]`.
     let mut runs: Vec<Vec<LoopRun>> = vec![Vec::new(); depths.len() * loop_counts.len()];
     for _ in 0..repeat.max(1) {
