@@ -1,9 +1,9 @@
-//! Attention of a prefill chunk on the CPU, fused: each KV head's keys are read from the
-//! cache as they are stored (f16 or f32), a tile at a time, by blocks of the chunk's rows
-//! with an online softmax, so no `[rows, keys]` score matrix, mask or f32 copy of the cache
-//! is made and no masked-out key is scored (a causal chunk costs half of a dense one). It
-//! computes what `attend` with a causal or window mask computes in `plt.rs`; the tests
-//! below check the two against each other.
+//! Attention of a prefill chunk on the CPU, fused: the keys the chunk reads are converted
+//! once from the cache (f16 or f32) into f32, keys transposed into the score kernel's
+//! lanes, and read a tile at a time by blocks of the chunk's rows with an online softmax,
+//! so no `[rows, keys]` score matrix or mask is made and no masked-out key is scored (a
+//! causal chunk costs half of a dense one). It computes what `attend` with a causal or
+//! window mask computes in `plt.rs`; the tests below check the two against each other.
 
 use std::ops::Range;
 
