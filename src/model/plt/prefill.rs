@@ -75,10 +75,17 @@ pub(super) fn ranged_attention<K: KvElem>(
             _ => blocks - 1 - i / 2,
         })
         .collect();
+    // Task t's KV head and chunk rows.
+    let task = |t: usize| {
+        let block = order[t % blocks];
+        (
+            t / blocks,
+            block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(rows),
+        )
+    };
     let mut pieces = vec![0f32; kv_heads * blocks * piece];
     parallel_pieces(&mut pieces, piece, |t, out| {
-        let (g, block) = (t / blocks, order[t % blocks]);
-        let block_rows = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(rows);
+        let (g, block_rows) = task(t);
         let mut queries = Vec::with_capacity(piece);
         for r in block_rows.clone() {
             let at = r * qw + g * group * hd;
@@ -94,8 +101,7 @@ pub(super) fn ranged_attention<K: KvElem>(
     });
     let mut attn = vec![0f32; rows * qw];
     for (t, out) in pieces.chunks_exact(piece).enumerate() {
-        let (g, block) = (t / blocks, order[t % blocks]);
-        let block_rows = block * ROW_BLOCK..((block + 1) * ROW_BLOCK).min(rows);
+        let (g, block_rows) = task(t);
         for (r, o) in block_rows.zip(out.chunks_exact(group * hd)) {
             let at = r * qw + g * group * hd;
             attn[at..at + group * hd].copy_from_slice(o);
