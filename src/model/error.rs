@@ -127,6 +127,14 @@ pub enum ModelError {
         /// The template engine's message, with the line.
         message: String,
     },
+    /// A batched decode step was given a different number of caches and tokens.
+    #[error("a decode batch of {caches} caches was given {ids} tokens")]
+    BatchShape {
+        /// Caches in the batch.
+        caches: usize,
+        /// Tokens given.
+        ids: usize,
+    },
     /// A forward pass was asked for no tokens.
     #[error("no tokens to run")]
     EmptyInput,

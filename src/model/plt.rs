@@ -536,14 +536,37 @@ impl PltModel {
 
     /// Runs one token through all loops as one batch of rows and returns its logits `[vocab]`.
     pub fn decode(&self, cache: &mut PltCache, id: u32) -> Result<Tensor> {
-        self.check_ids(cache, &[id])?;
-        cache.reserve(cache.len() + 1)?;
+        let mut logits = self.decode_batch(&mut [cache], &[id])?;
+        logits.pop().ok_or(ModelError::EmptyInput)
+    }
+
+    /// One decode step of several sequences: `ids[i]` after `caches[i]`'s positions, every
+    /// loop row of every sequence in one batch through the matrices (on the CPU's fused
+    /// step; elsewhere one sequence after another), each attending over its own cache.
+    /// Returns each sequence's logits `[vocab]`, in order.
+    pub fn decode_batch(&self, caches: &mut [&mut PltCache], ids: &[u32]) -> Result<Vec<Tensor>> {
+        if caches.len() != ids.len() {
+            return Err(ModelError::BatchShape {
+                caches: caches.len(),
+                ids: ids.len(),
+            });
+        }
+        for (cache, &id) in caches.iter_mut().zip(ids) {
+            self.check_ids(cache, &[id])?;
+            cache.reserve(cache.len() + 1)?;
+        }
         let logits = match &self.cpu {
-            Some(weights) => fused::decode_step(self, weights, cache, id)?,
-            None => self.decode_step(cache, id)?,
+            Some(weights) => fused::decode_batch(self, weights, caches, ids)?,
+            None => caches
+                .iter_mut()
+                .zip(ids)
+                .map(|(cache, &id)| self.decode_step(cache, id))
+                .collect::<Result<_>>()?,
         };
-        cache.tokens.push(id);
-        cache.computed_positions += 1;
+        for (cache, &id) in caches.iter_mut().zip(ids) {
+            cache.tokens.push(id);
+            cache.computed_positions += 1;
+        }
         Ok(logits)
     }
 

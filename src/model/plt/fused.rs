@@ -73,14 +73,17 @@ impl CpuWeights {
     }
 }
 
-/// All loops of position `cache.len()` (room reserved) for token `id`, one row per loop:
-/// writes the K/V and the carries, returns the last loop's logits `[vocab]`.
-pub(super) fn decode_step(
+/// One decode step for several sequences at once: each cache's position `cache.len()`
+/// (room reserved) for its token `ids[i]`, all loops of all sequences as one batch of rows
+/// through every matrix (the weights are read once for all of them), attention per
+/// sequence over its own cache. Writes each cache's K/V and carries and returns each
+/// sequence's last-loop logits `[vocab]`, in order.
+pub(super) fn decode_batch(
     model: &PltModel,
     weights: &CpuWeights,
-    cache: &mut PltCache,
-    id: u32,
-) -> Result<Tensor> {
+    caches: &mut [&mut PltCache],
+    ids: &[u32],
+) -> Result<Vec<Tensor>> {
     let c = &model.config;
     let (d, heads, kv_heads, hd) = (
         c.hidden_size,
@@ -88,87 +91,120 @@ pub(super) fn decode_step(
         c.num_key_value_heads,
         c.head_dim,
     );
-    let (loops, pos, cap) = (cache.loops, cache.len(), cache.capacity);
     let w1 = c.plt_window + 1;
     let eps = c.rms_norm_eps as f32;
     let (qw, kw) = (heads * hd, kv_heads * hd);
     // As candle's affine: the f64 factor rounded to f32.
     let scale = (1.0 / (hd as f64).sqrt()) as f32;
+    let shape = AttentionShape {
+        heads,
+        kv_heads,
+        hd,
+        scale,
+        isa: weights.isa,
+    };
 
-    let emb = to_f32(&model.embed_ids(&[id])?)?;
-    let mut h = emb.clone();
-    if let Some(carries) = &cache.carries {
-        let (hs, es) = (c.plt_hidden_scale as f32, c.plt_emb_scale as f32);
-        for carry in to_f32(carries)?.chunks_exact(d) {
-            h.extend(carry.iter().zip(&emb).map(|(&s, &e)| s * hs + e * es));
+    // Sequence i's rows are `first[i]..first[i] + loops_i` of the batch.
+    let mut first = Vec::with_capacity(caches.len());
+    let mut h = Vec::new();
+    let mut angles = Vec::with_capacity(caches.len());
+    let mut ring_valid = Vec::with_capacity(caches.len());
+    for (cache, &id) in caches.iter().zip(ids) {
+        first.push(h.len() / d);
+        let emb = to_f32(&model.embed_ids(&[id])?)?;
+        h.extend_from_slice(&emb);
+        if let Some(carries) = &cache.carries {
+            let (hs, es) = (c.plt_hidden_scale as f32, c.plt_emb_scale as f32);
+            for carry in to_f32(carries)?.chunks_exact(d) {
+                h.extend(carry.iter().zip(&emb).map(|(&s, &e)| s * hs + e * es));
+            }
         }
+        let pos = cache.len();
+        angles.push(model.rope_angles(pos));
+        ring_valid.push(
+            (0..w1)
+                .map(|s| cache.ring_slot_position(s, pos).is_some())
+                .collect::<Vec<bool>>(),
+        );
     }
-    let (cos, sin) = model.rope_angles(pos);
-    let ring_valid: Vec<bool> = (0..w1)
-        .map(|s| cache.ring_slot_position(s, pos).is_some())
-        .collect();
+    let rows = h.len() / d;
 
     for (li, (layer, lw)) in model.layers.iter().zip(&weights.layers).enumerate() {
         let x = rms_norm_rows(&h, &lw.input_norm, eps);
-        let qkv = project(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &x, loops)?;
+        let qkv = project(&[&layer.q_proj, &layer.k_proj, &layer.v_proj], &x, rows)?;
         let (mut q, mut k, mut v) = (
-            Vec::with_capacity(loops * qw),
-            Vec::with_capacity(loops * kw),
-            Vec::with_capacity(loops * kw),
+            Vec::with_capacity(rows * qw),
+            Vec::with_capacity(rows * kw),
+            Vec::with_capacity(rows * kw),
         );
         for row in qkv.chunks_exact(qw + 2 * kw) {
             q.extend_from_slice(&row[..qw]);
             k.extend_from_slice(&row[qw..qw + kw]);
             v.extend_from_slice(&row[qw + kw..]);
         }
-        model.rope_heads(&mut q, &cos, &sin);
-        model.rope_heads(&mut k, &cos, &sin);
-
-        // Loop 0 writes position `pos` first: every row's global attention reads it. Rows
-        // 1.. go to their rings `[loops-1, kv_heads, w1, hd]`, i.e. (loops-1)*kv_heads
-        // heads of w1 slots.
-        write_heads(&cache.k0[li], &k[..kw], cap, pos, hd)?;
-        write_heads(&cache.v0[li], &v[..kw], cap, pos, hd)?;
-        if loops > 1 {
-            write_heads(&cache.ring_k[li], &k[kw..], w1, pos % w1, hd)?;
-            write_heads(&cache.ring_v[li], &v[kw..], w1, pos % w1, hd)?;
+        let mut attn = Vec::with_capacity(rows * qw);
+        for (i, cache) in caches.iter().enumerate() {
+            let (loops, pos, cap) = (cache.loops, cache.len(), cache.capacity);
+            let span = first[i]..first[i] + loops;
+            let (q, k, v) = (
+                &mut q[span.start * qw..span.end * qw],
+                &mut k[span.start * kw..span.end * kw],
+                &v[span.start * kw..span.end * kw],
+            );
+            let (cos, sin) = &angles[i];
+            model.rope_heads(q, cos, sin);
+            model.rope_heads(k, cos, sin);
+            // Loop 0 writes position `pos` first: every row's global attention reads it.
+            // Rows 1.. go to their rings `[loops-1, kv_heads, w1, hd]`, i.e.
+            // (loops-1)*kv_heads heads of w1 slots.
+            write_heads(&cache.k0[li], &k[..kw], cap, pos, hd)?;
+            write_heads(&cache.v0[li], &v[..kw], cap, pos, hd)?;
+            if loops > 1 {
+                write_heads(&cache.ring_k[li], &k[kw..], w1, pos % w1, hd)?;
+                write_heads(&cache.ring_v[li], &v[kw..], w1, pos % w1, hd)?;
+            }
+            let gates = match loops {
+                1 => Vec::new(),
+                _ => {
+                    let upper = &h[(span.start + 1) * d..span.end * d];
+                    gate(layer, lw, upper, &q[qw..], loops - 1, hd, eps)?
+                }
+            };
+            let valid = &ring_valid[i];
+            attn.extend(match cache.shape.kv_dtype {
+                DType::F16 => attention::<f16>(cache, li, q, &gates, valid, shape)?,
+                _ => attention::<f32>(cache, li, q, &gates, valid, shape)?,
+            });
         }
-
-        let gates = match loops {
-            1 => Vec::new(),
-            _ => gate(layer, lw, &h[d..], &q[qw..], loops - 1, hd, eps)?,
-        };
-        let shape = AttentionShape {
-            heads,
-            kv_heads,
-            hd,
-            scale,
-            isa: weights.isa,
-        };
-        let attn = match cache.shape.kv_dtype {
-            DType::F16 => attention::<f16>(cache, li, &q, &gates, &ring_valid, shape)?,
-            _ => attention::<f32>(cache, li, &q, &gates, &ring_valid, shape)?,
-        };
-        add_assign(&mut h, &project(&[&layer.o_proj], &attn, loops)?);
+        add_assign(&mut h, &project(&[&layer.o_proj], &attn, rows)?);
         let y = rms_norm_rows(&h, &lw.post_attention_norm, eps);
         let ffn = c.intermediate_size;
-        let gate_up = project(&[&layer.gate_proj, &layer.up_proj], &y, loops)?;
+        let gate_up = project(&[&layer.gate_proj, &layer.up_proj], &y, rows)?;
         let act = silu_mul(&gate_up, ffn);
-        add_assign(&mut h, &project(&[&layer.down_proj], &act, loops)?);
+        add_assign(&mut h, &project(&[&layer.down_proj], &act, rows)?);
     }
 
     let normed = rms_norm_rows(&h, &weights.norm, eps);
-    if loops > 1 {
-        let out = if c.plt_normalize_per_loop {
-            &normed
-        } else {
-            &h
-        };
-        let carries = &out[..(loops - 1) * d];
-        cache.carries = Some(Tensor::from_slice(carries, (loops - 1, d), &Device::Cpu)?);
+    let out = if c.plt_normalize_per_loop {
+        &normed
+    } else {
+        &h
+    };
+    let mut last_rows = Vec::with_capacity(caches.len() * d);
+    for (cache, &start) in caches.iter_mut().zip(&first) {
+        let loops = cache.loops;
+        if loops > 1 {
+            let carries = &out[start * d..(start + loops - 1) * d];
+            cache.carries = Some(Tensor::from_slice(carries, (loops - 1, d), &Device::Cpu)?);
+        }
+        let last = start + loops - 1;
+        last_rows.extend_from_slice(&normed[last * d..(last + 1) * d]);
     }
-    let logits = model.lm_head.forward_f32(&normed[(loops - 1) * d..], 1)?;
-    Ok(Tensor::from_vec(logits, c.vocab_size, &Device::Cpu)?)
+    let logits = model.lm_head.forward_f32(&last_rows, caches.len())?;
+    logits
+        .chunks_exact(c.vocab_size)
+        .map(|row| Ok(Tensor::from_slice(row, c.vocab_size, &Device::Cpu)?))
+        .collect()
 }
 
 /// Head counts and scale of a layer's attention, and the kernel width it runs at.
@@ -853,5 +889,94 @@ pub(super) mod tests {
                 }
             }
         }
+    }
+
+    /// Logits of `steps` decode steps of sequences of several loop counts and depths, run
+    /// either one by one or as batches: sequence 3 joins at step 2 and sequence 1 leaves
+    /// after step 3; the tokens fed are fixed, so the two runs see the same inputs.
+    fn interleaved_run(model: &PltModel, batched: bool) -> Vec<Vec<Vec<f32>>> {
+        let ids = |n: usize, salt: u32| (0..n as u32).map(move |i| (i * 29 + salt) % 96);
+        let plan = [(1, 0), (2, 5), (3, 9), (2, 3)];
+        let mut caches: Vec<PltCache> = plan
+            .iter()
+            .enumerate()
+            .map(|(i, &(loops, depth))| {
+                let mut cache = model.new_cache(loops).unwrap();
+                let prompt: Vec<u32> = ids(depth, i as u32).collect();
+                model.prefill(&mut cache, &prompt, Logits::None).unwrap();
+                cache
+            })
+            .collect();
+        let mut out = vec![Vec::new(); plan.len()];
+        for step in 0..6u32 {
+            let active: Vec<usize> = (0..plan.len())
+                .filter(|&i| !(i == 3 && step < 2) && !(i == 1 && step > 3))
+                .collect();
+            let tokens: Vec<u32> = active
+                .iter()
+                .map(|&i| (step * 13 + i as u32 * 7) % 96)
+                .collect();
+            let logits = if batched {
+                let mut batch: Vec<&mut PltCache> = caches
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| active.contains(i))
+                    .map(|(_, c)| c)
+                    .collect();
+                model.decode_batch(&mut batch, &tokens).unwrap()
+            } else {
+                active
+                    .iter()
+                    .zip(&tokens)
+                    .map(|(&i, &id)| model.decode(&mut caches[i], id).unwrap())
+                    .collect()
+            };
+            for (&i, l) in active.iter().zip(logits) {
+                out[i].push(l.to_vec1::<f32>().unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_batched_decode_step_gives_each_sequence_its_solo_logits() {
+        let argmax = |l: &[f32]| {
+            (0..l.len())
+                .max_by(|&a, &b| l[a].total_cmp(&l[b]))
+                .unwrap_or(0)
+        };
+        let kernels = Isa::supported()
+            .into_iter()
+            .map(CpuKernels::Plait)
+            .chain([CpuKernels::Candle]);
+        for kernels in kernels {
+            for (hidden_gate, quantized) in [(true, false), (false, true)] {
+                let model = random_model(hidden_gate, true, quantized, false, kernels);
+                let solo = interleaved_run(&model, false);
+                let batched = interleaved_run(&model, true);
+                for (seq, (solo, batched)) in solo.iter().zip(&batched).enumerate() {
+                    assert_eq!(solo.len(), batched.len());
+                    let (diff, step) = worst_step(batched, solo);
+                    let what =
+                        format!("{kernels:?} quantized {quantized} sequence {seq} step {step}");
+                    assert!(diff < 1e-4, "{what}: {diff}");
+                    for (b, s) in batched.iter().zip(solo) {
+                        assert_eq!(argmax(b), argmax(s), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_decode_batch_needs_one_token_per_cache() {
+        let model = random_model(true, true, false, false, CpuKernels::Plait(Isa::Scalar));
+        let mut cache = model.new_cache(2).unwrap();
+        let err = model.decode_batch(&mut [&mut cache], &[1, 2]).unwrap_err();
+        assert!(
+            err.to_string().contains("1 caches was given 2 tokens"),
+            "{err}"
+        );
+        assert!(cache.is_empty());
     }
 }
