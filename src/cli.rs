@@ -9,7 +9,7 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand};
 use plait::config::{AppConfig, DefaultModel};
 use plait::engine::{
-    self, ChatMessage, Engine, EngineOptions, GenerateRequest, Generation, RemoteBackend,
+    self, Batching, ChatMessage, Engine, EngineOptions, GenerateRequest, Generation, RemoteBackend,
     RemoteOptions, StepControl,
 };
 use plait::model::{convert_to_gguf, Quant};
@@ -208,6 +208,11 @@ struct BenchArgs {
     /// for every loop count, a synthetic model's is filled with random K/V.
     #[arg(long, value_delimiter = ',', conflicts_with = "prompt_tokens")]
     depth: Vec<usize>,
+    /// Also time this many conversations decoding together (comma separated), at each
+    /// loop count, each after its own context of --prompt-tokens positions (a synthetic
+    /// model's filled with random K/V): one batched decode step per token for all of them.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrent: Vec<u16>,
     /// Rounds, each measuring every loop count once; figures pool the rounds.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     repeat: u16,
@@ -755,6 +760,29 @@ fn bench(args: BenchArgs) -> Result<()> {
         .loops
         .first()
         .map_or(model.config().plt_num_loops, |&l| usize::from(l));
+    let conversations: Vec<usize> = args.concurrent.iter().map(|&n| usize::from(n)).collect();
+    let concurrent = match conversations.as_slice() {
+        [] => Vec::new(),
+        counts => engine::bench_concurrent(
+            model,
+            &loop_counts,
+            counts,
+            args.prompt_tokens,
+            args.gen_tokens,
+            repeat,
+            match args.synthetic {
+                Some(_) => engine::DepthContext::Random,
+                None => engine::DepthContext::Prefill,
+            },
+        )
+        .with_context(|| {
+            format!(
+                "--concurrent {counts:?} after --prompt-tokens {} with --gen-tokens {} (and 2 \
+                 untimed warm-up steps)",
+                args.prompt_tokens, args.gen_tokens
+            )
+        })?,
+    };
     let (device, weights) = (device_name(model.device()), model.weight_storage());
     let kernels = model.decode_kernels().name();
     // The follow-up runs the engine on the loaded model, which it takes.
@@ -799,6 +827,15 @@ fn bench(args: BenchArgs) -> Result<()> {
             "copy_gb_s": bandwidth,
             "decode_ceiling_tok_s": ceiling,
             "results": results,
+            "concurrent": concurrent.iter().map(|c| json!({
+                "conversations": c.conversations,
+                "loops": c.loops,
+                "context_tokens": c.context_tokens,
+                "aggregate_tok_s": c.aggregate_tok_s,
+                "stream_tok_s": c.stream_tok_s,
+                "token_ms_p50": c.token_ms_p50,
+                "token_ms_p99": c.token_ms_p99,
+            })).collect::<Vec<_>>(),
             "followup": followup.as_ref().map(|f| json!({
                 "context_tokens": f.context_tokens,
                 "new_tokens": f.new_tokens,
@@ -849,6 +886,24 @@ fn bench(args: BenchArgs) -> Result<()> {
             r.token_ms_p90,
             r.kv_bytes,
             or_dash(ceiling_at, 1),
+        );
+    }
+    if !concurrent.is_empty() {
+        println!(
+            "{:>13} {:>5} {:>7} {:>14} {:>12} {:>8} {:>8}",
+            "conversations", "loops", "context", "aggregate t/s", "stream t/s", "p50 ms", "p99 ms"
+        );
+    }
+    for c in &concurrent {
+        println!(
+            "{:>13} {:>5} {:>7} {:>14.1} {:>12.1} {:>8.2} {:>8.2}",
+            c.conversations,
+            c.loops,
+            c.context_tokens,
+            c.aggregate_tok_s,
+            c.stream_tok_s,
+            c.token_ms_p50,
+            c.token_ms_p99,
         );
     }
     if let Some(f) = followup {
@@ -1071,16 +1126,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         set_threads(threads);
     }
     let model = model_path(args.model.as_deref().or(config.model.as_deref()))?;
+    let engine = engine_options(model, args.loops, &args.device, &config);
     let serve = config.serve;
     plait::serve::run(plait::serve::ServeOptions {
-        engine: EngineOptions {
-            model,
-            loops: args.loops.map(usize::from).or(config.loops),
-            context_size: config.context_size,
-            device: args.device.device.or(config.device).unwrap_or_default(),
-            dtype: args.device.dtype,
-            cache_budget: config.cache_budget_mib.map(|mib| mib << 20),
-        },
+        engine,
         host: args.host.unwrap_or(serve.host),
         port: args.port.unwrap_or(serve.port),
         api_key: args.api_key.or(serve.api_key),
@@ -1092,6 +1141,27 @@ fn serve(args: ServeArgs) -> Result<()> {
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
     })?;
     Ok(())
+}
+
+/// The local engine's options: the command line's, then the config's.
+fn engine_options(
+    model: PathBuf,
+    loops: Option<u8>,
+    device: &DeviceArgs,
+    config: &AppConfig,
+) -> EngineOptions {
+    EngineOptions {
+        model,
+        loops: loops.map(usize::from).or(config.loops),
+        context_size: config.context_size,
+        device: device.device.or(config.device).unwrap_or_default(),
+        dtype: device.dtype,
+        cache_budget: config.cache_budget_mib.map(|mib| mib << 20),
+        batching: Batching {
+            max_conversations: config.serve.max_conversations,
+            prefill_chunk: config.serve.prefill_chunk,
+        },
+    }
 }
 
 fn tui(args: TuiArgs) -> Result<()> {
@@ -1113,14 +1183,12 @@ fn tui(args: TuiArgs) -> Result<()> {
             }
             AnswerWith::Remote(remote_options(url, &args, &config)?)
         }
-        None => AnswerWith::Local(EngineOptions {
-            model: model_path(args.model.as_deref().or(config.model.as_deref()))?,
-            loops: args.loops.map(usize::from).or(config.loops),
-            context_size: config.context_size,
-            device: args.device.device.or(config.device).unwrap_or_default(),
-            dtype: args.device.dtype,
-            cache_budget: config.cache_budget_mib.map(|mib| mib << 20),
-        }),
+        None => AnswerWith::Local(engine_options(
+            model_path(args.model.as_deref().or(config.model.as_deref()))?,
+            args.loops,
+            &args.device,
+            &config,
+        )),
     };
     let options = TuiOptions {
         model_name: match &backend {

@@ -259,7 +259,11 @@ pub struct ServeConfig {
     pub port: u16,
     /// Key every route but /health needs as `Authorization: Bearer KEY`; `None`: no key.
     pub api_key: Option<String>,
-    /// Requests that may wait behind the running one; more get 503.
+    /// Answers run together, their loop rows in one batch per decode step.
+    pub max_conversations: usize,
+    /// Prompt positions computed between two decode steps of the running answers.
+    pub prefill_chunk: usize,
+    /// Requests that may wait behind the running ones; more get 503.
     pub queue_length: usize,
     /// Largest request body in bytes; larger ones get 413.
     pub max_body_bytes: usize,
@@ -273,6 +277,8 @@ impl Default for ServeConfig {
             host: "127.0.0.1".to_owned(),
             port: 8080,
             api_key: None,
+            max_conversations: 4,
+            prefill_chunk: 512,
             queue_length: 16,
             max_body_bytes: 8 << 20,
             cors_origins: Vec::new(),
@@ -403,6 +409,20 @@ impl AppConfig {
         }
         if let Some(mib) = self.cache_budget_mib.filter(|&n| n == 0) {
             return Err(fail("cache_budget_mib", mib, "at least 1"));
+        }
+        if self.serve.max_conversations == 0 {
+            return Err(fail(
+                "serve.max_conversations",
+                self.serve.max_conversations,
+                "at least 1",
+            ));
+        }
+        if self.serve.prefill_chunk == 0 {
+            return Err(fail(
+                "serve.prefill_chunk",
+                self.serve.prefill_chunk,
+                "at least 1",
+            ));
         }
         if self.serve.max_body_bytes < 1024 {
             return Err(fail(

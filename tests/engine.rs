@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use plait::engine::{
-    ChatMessage, Engine, EngineOptions, Event, FailureKind, GenerateJob, Request, RequestId,
-    StopReason, TurnStats,
+    Batching, ChatMessage, Engine, EngineOptions, Event, FailureKind, GenerateJob, Request,
+    RequestId, StopReason, TurnStats,
 };
 use plait::model::{DeviceSpec, LoadedModel};
 
@@ -23,13 +23,23 @@ fn start_with_context(
     loops: Option<usize>,
     context_size: Option<usize>,
 ) -> (Engine, mpsc::Receiver<Event>) {
-    start_with(loops, context_size, None)
+    start_with(loops, context_size, None, Batching::default())
+}
+
+/// The engine answering one request at a time, the others queued in order.
+fn start_one_at_a_time() -> (Engine, mpsc::Receiver<Event>) {
+    let batching = Batching {
+        max_conversations: 1,
+        ..Batching::default()
+    };
+    start_with(None, None, None, batching)
 }
 
 fn start_with(
     loops: Option<usize>,
     context_size: Option<usize>,
     cache_budget: Option<usize>,
+    batching: Batching,
 ) -> (Engine, mpsc::Receiver<Event>) {
     let (tx, rx) = mpsc::channel();
     let engine = Engine::spawn(
@@ -40,6 +50,7 @@ fn start_with(
             device: DeviceSpec::Cpu,
             dtype: None,
             cache_budget,
+            batching,
         },
         move |event| {
             let _ = tx.send(event);
@@ -49,9 +60,16 @@ fn start_with(
     (engine, rx)
 }
 
+/// The next event but the worker's scheduling reports (`Event::Step`).
 fn next(rx: &mpsc::Receiver<Event>) -> Event {
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the engine went quiet")
+    loop {
+        let event = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the engine went quiet");
+        if !matches!(event, Event::Step { .. }) {
+            return event;
+        }
+    }
 }
 
 /// Events until a turn's Done, with the Done.
@@ -179,6 +197,7 @@ fn a_missing_model_is_reported_not_a_crash() {
             device: DeviceSpec::Cpu,
             dtype: None,
             cache_budget: None,
+            batching: Default::default(),
         },
         move |event| {
             let _ = tx.send(event);
@@ -246,8 +265,8 @@ fn a_conversation_that_outgrows_the_context_drops_its_oldest_messages() {
 }
 
 #[test]
-fn requests_sent_during_an_answer_are_all_served_in_order() {
-    let (engine, rx) = start(None);
+fn requests_past_the_conversation_limit_are_all_served_in_order() {
+    let (engine, rx) = start_one_at_a_time();
     // All three are queued before the first answer's first token: the worker takes the
     // other two in while it streams, and must keep both.
     let lengths = [5, 3, 4];
@@ -277,7 +296,7 @@ fn requests_sent_during_an_answer_are_all_served_in_order() {
 
 #[test]
 fn a_queued_request_cancelled_is_never_run() {
-    let (engine, rx) = start(None);
+    let (engine, rx) = start_one_at_a_time();
     let jobs: Vec<GenerateJob> = (0..3)
         .map(|i| job(&[ChatMessage::new("user", format!("question {i}"))], 6))
         .collect();
@@ -339,7 +358,7 @@ fn interleaved_conversations_each_keep_their_cache() {
 
 #[test]
 fn a_cache_budget_of_one_cache_keeps_only_the_last_conversation() {
-    let (engine, rx) = start_with(None, None, Some(1));
+    let (engine, rx) = start_with(None, None, Some(1), Batching::default());
     let conversations = two_conversations();
     let mut first_prompt = 0;
     for messages in &conversations {
@@ -412,4 +431,136 @@ fn a_reset_during_an_answer_cancels_it_first() {
             _ => {}
         }
     }
+}
+
+/// Each request's streamed text and figures from `events` (which hold all of their Done
+/// events); checks that each request's events come in order (Started, tokens, Done).
+fn answers(events: &[Event], ids: &[RequestId]) -> Vec<(String, TurnStats)> {
+    let mut texts = vec![None::<String>; ids.len()];
+    let mut done = vec![None; ids.len()];
+    for event in events {
+        let slot = |id: &RequestId| ids.iter().position(|i| i == id);
+        match event {
+            Event::Started { id, .. } => {
+                if let Some(i) = slot(id) {
+                    texts[i] = Some(String::new());
+                }
+            }
+            Event::Token { id, text, .. } => {
+                if let Some(i) = slot(id) {
+                    assert!(done[i].is_none(), "a token after its Done");
+                    texts[i]
+                        .as_mut()
+                        .expect("a token before Started")
+                        .push_str(text);
+                }
+            }
+            Event::Done { id, stats } => {
+                if let Some(i) = slot(id) {
+                    done[i] = Some(stats.clone());
+                }
+            }
+            Event::Error(e) | Event::Failed { message: e, .. } => panic!("engine error: {e}"),
+            _ => {}
+        }
+    }
+    texts
+        .into_iter()
+        .zip(done)
+        .map(|(text, stats)| (text.expect("started"), stats.expect("done")))
+        .collect()
+}
+
+/// Three questions at loop counts 1, 2, 3 (prompts of different lengths).
+fn three_questions() -> Vec<GenerateJob> {
+    let questions = [
+        "hi",
+        "Write a function that adds two numbers, then explain how it works in detail.",
+        "What is a loop?",
+    ];
+    questions
+        .iter()
+        .zip([1, 2, 3])
+        .map(|(q, loops)| {
+            let mut job = job(&[ChatMessage::new("user", *q)], 24);
+            job.loops = Some(loops);
+            job
+        })
+        .collect()
+}
+
+#[test]
+fn conversations_answered_together_each_get_their_solo_answer() {
+    // Alone: one at a time.
+    let (engine, rx) = start_one_at_a_time();
+    while !matches!(next(&rx), Event::Loaded(_)) {}
+    let solo: Vec<(String, TurnStats)> = three_questions()
+        .into_iter()
+        .map(|job| {
+            let id = job.id;
+            engine.send(Request::Generate(job));
+            let (mut events, _, stats) = until_done_with_id(&rx);
+            events.push(Event::Done { id, stats });
+            answers(&events, &[id]).remove(0)
+        })
+        .collect();
+    drop(engine);
+
+    // Together: the first two start at once, the third joins once the first streams, and
+    // a fourth joins with it and is cancelled mid-way.
+    let (engine, rx) = start(None);
+    while !matches!(next(&rx), Event::Loaded(_)) {}
+    let mut jobs = three_questions();
+    let third_job = jobs.pop().unwrap();
+    let ids: Vec<RequestId> = jobs.iter().map(|j| j.id).chain([third_job.id]).collect();
+    let mut third = Some(third_job);
+    for job in jobs {
+        engine.send(Request::Generate(job));
+    }
+    let cancelled = job(&[ChatMessage::new("user", "Count to one hundred.")], 200);
+    let cancelled_id = cancelled.id;
+    let mut cancelled = Some(cancelled);
+    let (mut events, mut rows, mut ended) = (Vec::new(), Vec::new(), 0);
+    let (mut first_tokens, mut cancelled_tokens) = (0, 0);
+    while ended < 4 {
+        let event = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        match &event {
+            Event::Step { rows: r, .. } => rows.push(*r),
+            Event::Token { id, .. } if *id == ids[0] => {
+                first_tokens += 1;
+                if first_tokens == 3 {
+                    engine.send(Request::Generate(third.take().unwrap()));
+                    engine.send(Request::Generate(cancelled.take().unwrap()));
+                }
+            }
+            Event::Token { id, .. } if *id == cancelled_id => {
+                cancelled_tokens += 1;
+                if cancelled_tokens == 3 {
+                    engine.send(Request::Cancel(cancelled_id));
+                }
+            }
+            Event::Done { id, .. } => {
+                assert!(*id != ids[0] || first_tokens >= 3, "the first ended early");
+                ended += 1;
+            }
+            Event::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+        events.push(event);
+    }
+    let together = answers(&events, &ids);
+    for (i, ((solo_text, solo), (text, stats))) in solo.iter().zip(&together).enumerate() {
+        assert_eq!(text, solo_text, "question {i}'s answer");
+        assert_eq!(
+            (stats.tokens, stats.stop_reason, stats.loops),
+            (solo.tokens, solo.stop_reason, solo.loops)
+        );
+    }
+    let (_, cancelled) = answers(&events, &[cancelled_id]).remove(0);
+    assert_eq!(cancelled.stop_reason, StopReason::Cancelled);
+    assert!(cancelled.tokens >= 3 && cancelled.tokens < 200);
+    assert!(
+        rows.iter().any(|&r| r >= 1 + 2 + 3),
+        "one step carried the loop rows of the three questions: {rows:?}"
+    );
 }

@@ -477,7 +477,13 @@ fn a_client_that_disconnects_frees_the_worker() {
 
 #[test]
 fn a_full_queue_answers_503_with_retry_after() {
-    let served = Served::start(&debug_binary(), &tiny(), &["-c", "serve.queue_length=0"]);
+    let one = [
+        "-c",
+        "serve.max_conversations=1",
+        "-c",
+        "serve.queue_length=0",
+    ];
+    let served = Served::start(&debug_binary(), &tiny(), &one);
     let stream = start_long_stream(&served);
     let refused = served.post("/v1/chat/completions", &chat("hi", 2));
     assert!(refused.headers().get("retry-after").is_some());
@@ -707,4 +713,59 @@ fn tokenize_counts_what_a_chat_completion_runs_and_plain_text() {
         .as_str()
         .unwrap()
         .contains("gpt-4"));
+}
+
+#[test]
+fn four_streaming_clients_at_once_each_get_their_solo_answer() {
+    let served = Served::start(&debug_binary(), &tiny(), &[]);
+    let questions = [
+        ("hi", 1),
+        ("Write a function that adds two numbers.", 2),
+        ("What is a loop?", 3),
+        ("Name three colours and say why you like them.", 2),
+    ];
+    let body = |question: &str, loops: usize| {
+        let mut body = chat(question, 32);
+        body["stream"] = json!(true);
+        body["plait"] = json!({ "loops": loops });
+        body
+    };
+    let path = "/v1/chat/completions";
+    let solo: Vec<String> = questions
+        .iter()
+        .map(|&(q, loops)| streamed_text(&sse_values(served.post(path, &body(q, loops)))))
+        .collect();
+    let (steps, rows) = (
+        served.metric("plait_decode_steps_total"),
+        served.metric("plait_decode_rows_total"),
+    );
+    // All four at once: every client starts its request together and reads its stream.
+    let start = std::sync::Barrier::new(questions.len());
+    let together: Vec<String> = std::thread::scope(|scope| {
+        let clients: Vec<_> = questions
+            .iter()
+            .map(|&(q, loops)| {
+                let (served, start, body) = (&served, &start, body(q, loops));
+                scope.spawn(move || {
+                    start.wait();
+                    streamed_text(&sse_values(served.post(path, &body)))
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for (i, (together, solo)) in together.iter().zip(&solo).enumerate() {
+        assert!(!solo.is_empty(), "question {i} has an answer");
+        assert_eq!(together, solo, "question {i}: together and alone");
+    }
+    // Alone, a step carries one answer's loops; together, more rows per step.
+    let solo_rows_per_step = rows / steps;
+    let together_rows_per_step = (served.metric("plait_decode_rows_total") - rows)
+        / (served.metric("plait_decode_steps_total") - steps);
+    assert!(
+        together_rows_per_step > solo_rows_per_step + 1.0,
+        "rows per step: {together_rows_per_step} together, {solo_rows_per_step} alone"
+    );
+    assert_eq!(served.metric("plait_running_answers"), 0.0);
+    assert_eq!(served.metric("plait_queue_length"), 0.0);
 }

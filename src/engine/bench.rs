@@ -6,8 +6,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{ChatMessage, Engine, EngineOptions, Event, GenerateJob, Prompt, Request};
 use crate::model::{
-    DeviceSpec, LoadedModel, Logits, ModelError, Placement, PltConfig, PltModel, Quant, Result,
-    Sampler, SamplingParams, TextTokenizer,
+    DeviceSpec, LoadedModel, Logits, ModelError, Placement, PltCache, PltConfig, PltModel, Quant,
+    Result, Sampler, SamplingParams, TextTokenizer,
 };
 
 /// The released LoopCoder-V2 checkpoint's config.json (from the model contract).
@@ -160,17 +160,8 @@ pub fn bench_depths(
                 _ => None,
             };
             for (li, &loops) in loop_counts.iter().enumerate() {
-                let mut cache = match &prefilled {
-                    Some((prefilled, _)) => {
-                        let mut cache = model.fork_cache(prefilled, depth)?;
-                        model.set_loops(&mut cache, loops)?;
-                        cache
-                    }
-                    None if depth > 0 => model.random_context(loops, &ids, 0)?,
-                    None => model.new_cache(loops)?,
-                };
-                // Room for every step, so that none pays for the cache growing.
-                cache.reserve(depth + WARM_STEPS + gen_tokens)?;
+                let context = prefilled.as_ref().map(|(cache, _)| cache);
+                let mut cache = context_cache(model, context, &ids, loops, gen_tokens)?;
                 let first = ids.last().copied().unwrap_or(0);
                 let steps = decode_steps(model, &mut cache, first, WARM_STEPS + gen_tokens)?;
                 runs[di * loop_counts.len() + li].push(LoopRun {
@@ -197,6 +188,130 @@ pub fn bench_depths(
     Ok(results)
 }
 
+/// Figures of several conversations decoding together (one batched step per token).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConcurrentBench {
+    /// Conversations in every step.
+    pub conversations: usize,
+    /// Loop count of each.
+    pub loops: usize,
+    /// Positions each conversation had cached when the timed steps began.
+    pub context_tokens: usize,
+    /// Tokens per second over all conversations.
+    pub aggregate_tok_s: f64,
+    /// Tokens per second of each conversation.
+    pub stream_tok_s: f64,
+    /// Median step (each conversation's per-token latency).
+    pub token_ms_p50: f64,
+    /// 99th percentile step.
+    pub token_ms_p99: f64,
+}
+
+/// For each count of `conversations` and each loop count, that many conversations, each
+/// after its own context of `context_tokens` positions, decode `gen_tokens` greedy tokens
+/// together, every step one [`PltModel::decode_batch`] over all of their loop rows; in
+/// `repeat` rounds that each run every pair once (figures pool the rounds). A prefilled
+/// context is computed once per round at one loop and copied for each conversation (their
+/// first tokens differ); a random one is made per conversation.
+pub fn bench_concurrent(
+    model: &PltModel,
+    loop_counts: &[usize],
+    conversations: &[usize],
+    context_tokens: usize,
+    gen_tokens: usize,
+    repeat: usize,
+    context: DepthContext,
+) -> Result<Vec<ConcurrentBench>> {
+    let (vocab, max) = (
+        model.config().vocab_size,
+        model.config().max_position_embeddings,
+    );
+    if context_tokens + WARM_STEPS + gen_tokens > max {
+        return Err(ModelError::ContextOverflow {
+            len: context_tokens + WARM_STEPS + gen_tokens,
+            max,
+        });
+    }
+    let ids = bench_ids(context_tokens, vocab, 0);
+    let pairs: Vec<(usize, usize)> = conversations
+        .iter()
+        .flat_map(|&n| loop_counts.iter().map(move |&l| (n, l)))
+        .collect();
+    let mut steps: Vec<Vec<Duration>> = vec![Vec::new(); pairs.len()];
+    for _ in 0..repeat.max(1) {
+        let prefilled = match context {
+            DepthContext::Prefill if context_tokens > 0 => {
+                let mut cache = model.new_cache(1)?;
+                model.prefill(&mut cache, &ids, Logits::None)?;
+                Some(cache)
+            }
+            _ => None,
+        };
+        for (&(n, loops), steps) in pairs.iter().zip(&mut steps) {
+            let mut caches = (0..n)
+                .map(|_| context_cache(model, prefilled.as_ref(), &ids, loops, gen_tokens))
+                .collect::<Result<Vec<_>>>()?;
+            let mut next: Vec<u32> = (0..n).map(|i| bench_ids(1, vocab, i + 1)[0]).collect();
+            let mut sampler = Sampler::new(SamplingParams::default());
+            for step in 0..WARM_STEPS + gen_tokens {
+                let started = Instant::now();
+                let mut batch: Vec<&mut PltCache> = caches.iter_mut().collect();
+                let logits = model.decode_batch(&mut batch, &next)?;
+                for (next, logits) in next.iter_mut().zip(&logits) {
+                    *next = sampler.sample_tensor(logits, &[])?;
+                }
+                if step >= WARM_STEPS {
+                    steps.push(started.elapsed());
+                }
+            }
+        }
+    }
+    Ok(pairs
+        .iter()
+        .zip(&mut steps)
+        .map(|(&(conversations, loops), steps)| {
+            steps.sort();
+            let total: Duration = steps.iter().sum();
+            let stream = match total.is_zero() {
+                true => 0.0,
+                false => steps.len() as f64 / total.as_secs_f64(),
+            };
+            ConcurrentBench {
+                conversations,
+                loops,
+                context_tokens,
+                aggregate_tok_s: stream * conversations as f64,
+                stream_tok_s: stream,
+                token_ms_p50: percentile(steps, 0.5),
+                token_ms_p99: percentile(steps, 0.99),
+            }
+        })
+        .collect())
+}
+
+/// A cache at `loops` loops holding the context `ids`: a copy of `prefilled` (its upper
+/// loops rebuilt), else random K/V; with room for the warm-up and `gen_tokens` steps, so
+/// that none pays for the cache growing.
+fn context_cache(
+    model: &PltModel,
+    prefilled: Option<&PltCache>,
+    ids: &[u32],
+    loops: usize,
+    gen_tokens: usize,
+) -> Result<PltCache> {
+    let mut cache = match prefilled {
+        Some(prefilled) => {
+            let mut cache = model.fork_cache(prefilled, ids.len())?;
+            model.set_loops(&mut cache, loops)?;
+            cache
+        }
+        None if !ids.is_empty() => model.random_context(loops, ids, 0)?,
+        None => model.new_cache(loops)?,
+    };
+    cache.reserve(ids.len() + WARM_STEPS + gen_tokens)?;
+    Ok(cache)
+}
+
 /// Untimed decode steps before a depth's timed ones: the first step after a loop-count
 /// change or a fresh context touches memory the others find warm.
 const WARM_STEPS: usize = 2;
@@ -213,7 +328,7 @@ struct LoopRun {
 /// Times `count` greedy decode steps from token `first`.
 fn decode_steps(
     model: &PltModel,
-    cache: &mut crate::model::PltCache,
+    cache: &mut PltCache,
     first: u32,
     count: usize,
 ) -> Result<Vec<Duration>> {
@@ -329,6 +444,7 @@ pub fn bench_followup(
         device: DeviceSpec::Cpu,
         dtype: None,
         cache_budget: None,
+        batching: Default::default(),
     };
     let engine = Engine::spawn_loaded(loaded, options, move |e| {
         let _ = events.send(e);

@@ -78,8 +78,9 @@ impl CachePool {
     }
 
     /// Keeps `cache` after its request, replacing the cache kept under the same key, and
-    /// drops the least recently used others while the pool is over its budget.
-    pub(crate) fn keep(&mut self, checkout: Checkout) {
+    /// drops the least recently used others while the pool and the `running` bytes of the
+    /// answers still running are over the budget.
+    pub(crate) fn keep(&mut self, checkout: Checkout, running: usize) {
         if let Some(key) = &checkout.key {
             self.kept.retain(|kept| kept.key.as_ref() != Some(key));
         }
@@ -89,7 +90,14 @@ impl CachePool {
             cache: checkout.cache,
             used: self.tick,
         });
-        while self.kept.len() > 1 && self.bytes() > self.budget {
+        self.trim(running);
+    }
+
+    /// Drops the least recently used kept caches while they and the `running` bytes are
+    /// over the budget; the most recent one stays while nothing runs.
+    pub(crate) fn trim(&mut self, running: usize) {
+        let floor = usize::from(running == 0);
+        while self.kept.len() > floor && self.bytes() + running > self.budget {
             let oldest = self
                 .kept
                 .iter()

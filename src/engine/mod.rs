@@ -12,8 +12,8 @@ mod score;
 mod worker;
 
 pub use bench::{
-    bench_depths, bench_followup, bench_ids, bench_loop_counts, copy_bandwidth, synthetic_model,
-    DepthContext, FollowupBench, LoopBench,
+    bench_concurrent, bench_depths, bench_followup, bench_ids, bench_loop_counts, copy_bandwidth,
+    synthetic_model, ConcurrentBench, DepthContext, FollowupBench, LoopBench,
 };
 pub use caches::default_cache_budget;
 pub use conversation::{
@@ -32,4 +32,4 @@ pub use remote::{RemoteBackend, RemoteOptions};
 pub use score::{
     score, score_incremental, Comparison, IncrementalScore, Score, LOGPROB_ERROR_FLOOR,
 };
-pub use worker::{Engine, EngineOptions};
+pub use worker::{Batching, Engine, EngineOptions};

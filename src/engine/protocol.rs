@@ -134,15 +134,16 @@ pub struct TokenizeJob {
 /// What a front end asks of the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    /// Run a generation; requests queue in order behind the one running.
+    /// Run a generation: beside the running ones while there is room (the conversation
+    /// limit and the KV budget), else queued in order.
     Generate(GenerateJob),
-    /// Encode a prompt (answered with `Event::Tokenized`), in order with generations.
+    /// Encode a prompt (answered with `Event::Tokenized` before the next step).
     Tokenize(TokenizeJob),
     /// Stop this request: at its next step when running, at once when queued.
     Cancel(RequestId),
     /// Run with this many loops from the next decode step, and for later requests.
     SetLoops(usize),
-    /// Stop the answer in progress and forget every kept cache.
+    /// Stop the answers in progress and forget every kept cache.
     Reset,
     /// End the worker.
     Shutdown,
@@ -281,6 +282,16 @@ pub enum Event {
         id: RequestId,
         /// The text.
         text: String,
+    },
+    /// The worker's scheduling after one of its steps (a decode step of every running
+    /// answer with a token due, beside at most one prompt chunk).
+    Step {
+        /// Answers running: prefilling or decoding.
+        running: usize,
+        /// Requests waiting for a place (the conversation limit or the KV budget).
+        waiting: usize,
+        /// Rows the decode step carried (the running answers' loops); 0 when it had none.
+        rows: usize,
     },
     /// A prompt's token ids.
     Tokenized {

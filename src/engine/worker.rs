@@ -2,23 +2,45 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::DType;
 
-use crate::model::{DeviceSpec, LoadedModel, ModelError, Placement, Sampler, TextStream};
+use crate::model::{
+    DeviceSpec, LoadedModel, ModelError, Placement, PltCache, Sampler, TextStream, PREFILL_CHUNK,
+};
 
-use super::caches::{default_cache_budget, CachePool};
+use super::caches::{default_cache_budget, CachePool, Checkout};
 use super::conversation::{
     conversation_prompt, encode_conversation, raw_prompt, ConversationPrompt,
 };
-use super::generate::{generate, GenerateRequest, GenerationObserver, StepControl};
+use super::generate::{GenerateRequest, Sequence};
 use super::protocol::{
     Backend, Event, FailureKind, GenerateJob, LoopControl, ModelInfo, Prompt, Request, RequestId,
     TurnStats,
 };
+
+/// How many answers the worker runs together and how it fits new prompts in beside them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Answers running at once: every decode step carries the loop rows of all of them.
+    /// More requests wait in order.
+    pub max_conversations: usize,
+    /// Prompt positions computed between two decode steps of the running answers, so a
+    /// long new prompt delays them by at most one chunk per step.
+    pub prefill_chunk: usize,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            max_conversations: 4,
+            prefill_chunk: PREFILL_CHUNK,
+        }
+    }
+}
 
 /// How the worker starts.
 #[derive(Debug, Clone)]
@@ -33,8 +55,11 @@ pub struct EngineOptions {
     pub device: DeviceSpec,
     /// Compute dtype of a safetensors checkpoint (default: the device's).
     pub dtype: Option<DType>,
-    /// Bytes the kept caches may hold together (default: sized to the machine's memory).
+    /// Bytes the running and the kept caches may hold together (default: sized to the
+    /// machine's memory); a request that would pass it waits for room.
     pub cache_budget: Option<usize>,
+    /// Answers run together and the prompt chunk beside them.
+    pub batching: Batching,
 }
 
 /// A front end's side of the engine: send requests; events arrive through the sink given
@@ -125,15 +150,50 @@ fn context_size(loaded: &LoadedModel, options: &EngineOptions) -> usize {
     options.context_size.map_or(model, |size| size.min(model))
 }
 
-/// The loaded worker's state between requests.
-struct Worker<'a> {
-    loaded: LoadedModel,
+/// The loaded worker: the running answers, the requests waiting, the kept caches.
+struct Worker<'m> {
+    loaded: &'m LoadedModel,
     context: usize,
     /// Loop count of requests that do not name one.
     loops: usize,
+    batching: Batching,
+    /// Bytes the running and the kept caches may hold together.
+    budget: usize,
     caches: CachePool,
     inbox: Receiver<Request>,
-    sink: &'a dyn Fn(Event),
+    sink: &'m dyn Fn(Event),
+    waiting: VecDeque<Waiting>,
+    running: Vec<Answer<'m>>,
+    /// The last `Step` reported (running, waiting), so an idle loop says it once.
+    reported: (usize, usize),
+}
+
+/// A request waiting for a place; its prompt is fitted once, when first considered.
+struct Waiting {
+    job: GenerateJob,
+    prompt: Option<ConversationPrompt>,
+}
+
+/// A running answer: its sequence, its cache, and how it streams.
+struct Answer<'m> {
+    id: RequestId,
+    checkout: Checkout,
+    sequence: Sequence,
+    sampler: Sampler,
+    stream: Option<TextStream<'m>>,
+    /// When its last token (or its request) was streamed.
+    last: Instant,
+    prompt_tokens: usize,
+    dropped_messages: usize,
+    /// Whether it runs at the worker's loop count, so that a loop change moves it too.
+    default_loops: bool,
+    failed: Option<(FailureKind, String)>,
+}
+
+impl Answer<'_> {
+    fn ended(&self) -> bool {
+        self.failed.is_some() || self.sequence.stop_reason().is_some()
+    }
 }
 
 fn run(options: EngineOptions, inbox: Receiver<Request>, sink: &dyn Fn(Event)) {
@@ -174,144 +234,279 @@ fn serve_loaded(
         return;
     }
     sink(Event::Loaded(model_info(&loaded, options, loops)));
+    let budget = options.cache_budget.unwrap_or_else(default_cache_budget);
     let mut worker = Worker {
         context: context_size(&loaded, options),
-        loaded,
+        loaded: &loaded,
         loops,
-        caches: CachePool::new(options.cache_budget.unwrap_or_else(default_cache_budget)),
+        batching: Batching {
+            max_conversations: options.batching.max_conversations.max(1),
+            prefill_chunk: options.batching.prefill_chunk.max(1),
+        },
+        budget,
+        caches: CachePool::new(budget),
         inbox,
         sink,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        reported: (0, 0),
     };
     worker.serve();
 }
 
-impl Worker<'_> {
-    /// Serves requests in order until Shutdown or until every sender is gone.
+impl<'m> Worker<'m> {
+    /// Serves until Shutdown, or until every sender is gone and nothing is left to answer:
+    /// requests are taken between steps, so a cancel or a loop change lands at the next.
     fn serve(&mut self) {
-        // Requests that arrived while an answer ran, in order: every one is served.
-        let mut pending = VecDeque::new();
         loop {
-            let request = match pending.pop_front() {
-                Some(r) => r,
-                None => match self.inbox.recv() {
-                    Ok(r) => r,
-                    Err(_) => return,
-                },
-            };
-            match request {
-                Request::Generate(job) => {
-                    let arrived = self.answer(job);
-                    pending.extend(arrived);
+            if self.running.is_empty() && self.waiting.is_empty() {
+                let Ok(request) = self.inbox.recv() else {
+                    return;
+                };
+                if !self.handle(request) {
+                    return;
                 }
-                Request::Tokenize(job) => match self.encode(&job.prompt) {
-                    Ok(ids) => (self.sink)(Event::Tokenized { id: job.id, ids }),
-                    Err(e) => {
-                        let (kind, message) = failure(e);
-                        (self.sink)(Event::Failed {
-                            id: job.id,
-                            kind,
-                            message,
-                        });
-                    }
-                },
-                // The kept caches change when next used.
-                Request::SetLoops(n) => match self.loaded.model.check_loops(n) {
-                    Ok(()) => {
-                        self.loops = n;
-                        (self.sink)(Event::LoopsChanged(n));
-                    }
-                    Err(e) => (self.sink)(Event::Error(e.to_string())),
-                },
-                Request::Reset => {
-                    self.caches.clear();
-                    (self.sink)(Event::ResetDone);
+            }
+            // Disconnected while answering: finish what runs, then the recv above ends it.
+            while let Ok(request) = self.inbox.try_recv() {
+                if !self.handle(request) {
+                    return;
                 }
-                // Not running: drop it if it is still queued.
-                Request::Cancel(id) => pending.retain(|r| !is_job(r, id)),
-                Request::Shutdown => return,
+            }
+            self.admit();
+            let rows = self.step();
+            self.finish_ended();
+            let counts = (self.running.len(), self.waiting.len());
+            if rows > 0 || counts != self.reported {
+                self.reported = counts;
+                (self.sink)(Event::Step {
+                    running: counts.0,
+                    waiting: counts.1,
+                    rows,
+                });
             }
         }
     }
 
-    /// Answers one job; returns the requests that arrived meanwhile, still to be served.
-    fn answer(&mut self, job: GenerateJob) -> Vec<Request> {
-        let mut deferred = Vec::new();
-        if let Err((kind, message)) = self.run_job(&job, &mut deferred) {
-            (self.sink)(Event::Failed {
-                id: job.id,
-                kind,
-                message,
-            });
+    /// Applies one request; false for Shutdown.
+    fn handle(&mut self, request: Request) -> bool {
+        match request {
+            Request::Generate(job) => self.waiting.push_back(Waiting { job, prompt: None }),
+            Request::Tokenize(job) => match self.encode(&job.prompt) {
+                Ok(ids) => (self.sink)(Event::Tokenized { id: job.id, ids }),
+                Err(e) => self.fail(job.id, failure(e)),
+            },
+            Request::Cancel(id) => {
+                self.waiting.retain(|w| w.job.id != id);
+                for answer in self.running.iter_mut().filter(|a| a.id == id) {
+                    answer.sequence.cancel();
+                }
+            }
+            // Running answers at the worker's count change at their next step.
+            Request::SetLoops(n) => match self.loaded.model.check_loops(n) {
+                Ok(()) => {
+                    self.loops = n;
+                    let model = &self.loaded.model;
+                    for answer in self.running.iter_mut().filter(|a| a.default_loops) {
+                        if let Err(e) = model.set_loops(&mut answer.checkout.cache, n) {
+                            answer.failed = Some(failure(e));
+                        }
+                    }
+                    (self.sink)(Event::LoopsChanged(n));
+                }
+                Err(e) => (self.sink)(Event::Error(e.to_string())),
+            },
+            // Every request sent before the reset ends with it: those that fit start, so
+            // that their answers end (cancelled) before the caches go.
+            Request::Reset => {
+                self.admit();
+                for answer in &mut self.running {
+                    answer.sequence.cancel();
+                }
+                self.finish_ended();
+                self.caches.clear();
+                (self.sink)(Event::ResetDone);
+            }
+            Request::Shutdown => return false,
         }
-        deferred
+        true
     }
 
-    fn run_job(
+    fn fail(&self, id: RequestId, (kind, message): (FailureKind, String)) {
+        (self.sink)(Event::Failed { id, kind, message });
+    }
+
+    /// Bytes the running answers' caches hold.
+    fn running_bytes(&self) -> usize {
+        let bytes = self.running.iter().map(|a| a.checkout.cache.size_bytes());
+        bytes.sum()
+    }
+
+    /// Starts waiting requests in order while the conversation limit and the KV budget
+    /// leave room (the first always starts when nothing runs); the kept caches give way.
+    fn admit(&mut self) {
+        while self.running.len() < self.batching.max_conversations {
+            let Some(Waiting { job, prompt }) = self.waiting.pop_front() else {
+                break;
+            };
+            let loops = job.loops.unwrap_or(self.loops);
+            let model = &self.loaded.model;
+            let fitted = match prompt {
+                Some(prompt) => Ok(prompt),
+                None => self.prompt(&job),
+            };
+            let prompt = match fitted.and_then(|p| model.check_loops(loops).map(|()| p)) {
+                Ok(prompt) => prompt,
+                Err(e) => {
+                    self.fail(job.id, failure(e));
+                    continue;
+                }
+            };
+            let positions = prompt.ids.len() + prompt.max_tokens;
+            let needs = model.decode_kv_bytes(positions, loops) as usize;
+            if !self.running.is_empty() && self.running_bytes() + needs > self.budget {
+                let prompt = Some(prompt);
+                self.waiting.push_front(Waiting { job, prompt });
+                break;
+            }
+            if let Err(e) = self.begin(&job, prompt, loops) {
+                self.fail(job.id, failure(e));
+            }
+        }
+        self.caches.trim(self.running_bytes());
+    }
+
+    /// Takes the cache for `job` and starts its answer.
+    fn begin(
         &mut self,
         job: &GenerateJob,
-        deferred: &mut Vec<Request>,
-    ) -> Result<(), (FailureKind, String)> {
-        let prompt = self.prompt(job).map_err(failure)?;
-        let loops = job.loops.unwrap_or(self.loops);
-        let model = &self.loaded.model;
-        model.check_loops(loops).map_err(failure)?;
-        let mut checkout = self
-            .caches
-            .checkout(model, &prompt.ids, job.cache_key.as_deref(), loops)
-            .map_err(failure)?;
-        // The last prompt position always runs again (its logits are not kept).
-        let cached = checkout
-            .cache
-            .shared_prefix(&prompt.ids)
-            .min(prompt.ids.len() - 1);
-        (self.sink)(Event::Started {
-            id: job.id,
-            prompt_tokens: prompt.ids.len(),
-            cached_tokens: cached,
-        });
+        prompt: ConversationPrompt,
+        loops: usize,
+    ) -> crate::model::Result<()> {
+        let loaded = self.loaded;
+        let mut checkout =
+            self.caches
+                .checkout(&loaded.model, &prompt.ids, job.cache_key.as_deref(), loops)?;
         let request = GenerateRequest {
             prompt: &prompt.ids,
             max_tokens: prompt.max_tokens,
-            stop_ids: &self.loaded.stop_ids,
+            stop_ids: &loaded.stop_ids,
         };
-        let mut streamer = Streamer {
+        let sequence = Sequence::start(&loaded.model, &mut checkout.cache, &request)?;
+        (self.sink)(Event::Started {
             id: job.id,
-            stream: self.loaded.tokenizer.as_ref().map(|t| t.stream()),
-            sink: self.sink,
-            inbox: &self.inbox,
+            prompt_tokens: prompt.ids.len(),
+            cached_tokens: sequence.reused_tokens(),
+        });
+        self.running.push(Answer {
+            id: job.id,
+            checkout,
+            sequence,
+            sampler: Sampler::new((&job.sampling).into()),
+            stream: loaded.tokenizer.as_ref().map(|t| t.stream()),
             last: Instant::now(),
-            deferred,
-            loops: None,
-        };
-        let mut sampler = Sampler::new((&job.sampling).into());
-        let generated = generate(
-            model,
-            &mut checkout.cache,
-            &mut sampler,
-            &request,
-            &mut streamer,
-        );
-        if let Some(n) = streamer.loops {
-            self.loops = n;
+            prompt_tokens: prompt.ids.len(),
+            dropped_messages: prompt.dropped_messages,
+            default_loops: job.loops.is_none(),
+            failed: None,
+        });
+        Ok(())
+    }
+
+    /// One step: a chunk of the first prompt still to compute, then one decode step of
+    /// every answer with a token due, all in one batch. Returns the decode step's rows.
+    fn step(&mut self) -> usize {
+        let model = &self.loaded.model;
+        let chunk = self.batching.prefill_chunk;
+        if let Some(answer) = self
+            .running
+            .iter_mut()
+            .find(|a| !a.ended() && a.sequence.is_prefilling())
+        {
+            match answer
+                .sequence
+                .prefill_chunk(model, &mut answer.checkout.cache, chunk)
+            {
+                Ok((done, total)) => {
+                    (self.sink)(Event::PrefillProgress {
+                        id: answer.id,
+                        done,
+                        total,
+                    });
+                    if !answer.sequence.is_prefilling() {
+                        stream_next(answer, self.sink);
+                    }
+                }
+                Err(e) => answer.failed = Some(failure(e)),
+            }
         }
-        let out = generated.map_err(failure)?;
-        if let Some(Ok(Some(rest))) = streamer.stream.as_mut().map(|s| s.finish()) {
+        let mut due: Vec<(&mut Answer<'m>, u32)> = self
+            .running
+            .iter_mut()
+            .filter(|a| a.failed.is_none())
+            .filter_map(|a| a.sequence.due().map(|id| (a, id)))
+            .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        let ids: Vec<u32> = due.iter().map(|(_, id)| *id).collect();
+        let stepped = {
+            let mut caches: Vec<&mut PltCache> =
+                due.iter_mut().map(|(a, _)| &mut a.checkout.cache).collect();
+            model.decode_batch(&mut caches, &ids)
+        };
+        let rows = due.iter().map(|(a, _)| a.checkout.cache.loops()).sum();
+        match stepped {
+            Ok(logits) => {
+                for ((answer, _), logits) in due.into_iter().zip(logits) {
+                    answer.sequence.stepped(logits);
+                    stream_next(answer, self.sink);
+                }
+            }
+            Err(e) => {
+                let failed = failure(e);
+                for (answer, _) in due {
+                    answer.failed = Some(failed.clone());
+                }
+            }
+        }
+        rows
+    }
+
+    /// Reports the answers that ended and keeps their caches (not a failed one's).
+    fn finish_ended(&mut self) {
+        let (ended, running) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(Answer::ended);
+        self.running = running;
+        for answer in ended {
+            self.finish(answer);
+        }
+    }
+
+    fn finish(&mut self, mut answer: Answer<'m>) {
+        if let Some(failed) = answer.failed.take() {
+            self.fail(answer.id, failed);
+            return;
+        }
+        if let Some(Ok(Some(rest))) = answer.stream.as_mut().map(|s| s.finish()) {
             (self.sink)(Event::Token {
-                id: job.id,
+                id: answer.id,
                 text: rest,
                 latency: Duration::ZERO,
             });
         }
+        let out = answer.sequence.finish();
         let m = &out.metrics;
-        let context_used = checkout.cache.len();
-        let loops = checkout.cache.loops();
-        self.caches.keep(checkout);
+        let context_used = answer.checkout.cache.len();
+        let loops = answer.checkout.cache.loops();
+        self.caches.keep(answer.checkout, self.running_bytes());
         (self.sink)(Event::Done {
-            id: job.id,
+            id: answer.id,
             stats: TurnStats {
                 stop_reason: out.stop_reason,
                 tokens: out.ids.len(),
-                prompt_tokens: prompt.ids.len(),
+                prompt_tokens: answer.prompt_tokens,
                 prefill_time: m.prefill,
                 time_to_first_token: m.time_to_first_token,
                 decode_time: m.token_latencies.iter().sum(),
@@ -319,11 +514,10 @@ impl Worker<'_> {
                 reused_tokens: m.reused_tokens,
                 loops,
                 context_used,
-                kv_bytes: self.caches.bytes(),
-                dropped_messages: prompt.dropped_messages,
+                kv_bytes: self.caches.bytes() + self.running_bytes(),
+                dropped_messages: answer.dropped_messages,
             },
         });
-        Ok(())
     }
 
     fn tokenizer(&self) -> crate::model::Result<&crate::model::TextTokenizer> {
@@ -338,7 +532,7 @@ impl Worker<'_> {
         match prompt {
             Prompt::Chat {
                 messages, tools, ..
-            } => encode_conversation(&self.loaded, self.tokenizer()?, messages, tools),
+            } => encode_conversation(self.loaded, self.tokenizer()?, messages, tools),
             Prompt::Text(text) => self.tokenizer()?.encode(text, true),
             Prompt::Ids(ids) => Ok(ids.clone()),
         }
@@ -353,7 +547,7 @@ impl Worker<'_> {
                 drop_oldest,
                 tools,
             } => conversation_prompt(
-                &self.loaded,
+                self.loaded,
                 tokenizer()?,
                 messages,
                 tools,
@@ -371,11 +565,6 @@ impl Worker<'_> {
     }
 }
 
-/// Whether `request` is the generation `id`.
-fn is_job(request: &Request, id: RequestId) -> bool {
-    matches!(request, Request::Generate(job) if job.id == id)
-}
-
 /// A model error as a request failure.
 fn failure(e: ModelError) -> (FailureKind, String) {
     let kind = match e {
@@ -391,62 +580,30 @@ fn failure(e: ModelError) -> (FailureKind, String) {
     (kind, e.to_string())
 }
 
-/// Streams detokenized text to the sink and applies requests that arrive mid-answer.
-struct Streamer<'a> {
-    id: RequestId,
-    stream: Option<TextStream<'a>>,
-    inbox: &'a Receiver<Request>,
-    sink: &'a dyn Fn(Event),
-    last: Instant,
-    /// Requests that are not for the running answer, in order, served after it.
-    deferred: &'a mut Vec<Request>,
-    /// A loop change that arrived during the answer, for later requests too.
-    loops: Option<usize>,
-}
-
-impl GenerationObserver for Streamer<'_> {
-    fn prefill_progress(&mut self, done: usize, total: usize) {
-        (self.sink)(Event::PrefillProgress {
-            id: self.id,
-            done,
-            total,
-        });
-    }
-
-    fn token(&mut self, token: u32) -> StepControl {
-        let latency = self.last.elapsed();
-        self.last = Instant::now();
-        let text = match self.stream.as_mut().map(|s| s.push(token)) {
-            Some(Ok(chunk)) => chunk.unwrap_or_default(),
-            Some(Err(e)) => {
-                (self.sink)(Event::Error(e.to_string()));
-                return StepControl::Stop;
-            }
-            None => format!(" {token}"),
-        };
-        (self.sink)(Event::Token {
-            id: self.id,
-            text,
-            latency,
-        });
-        let mut control = StepControl::Continue;
-        loop {
-            match self.inbox.try_recv() {
-                Ok(Request::Cancel(id)) if id == self.id => return StepControl::Stop,
-                Ok(Request::Cancel(id)) => self.deferred.retain(|r| !is_job(r, id)),
-                Ok(Request::SetLoops(n)) => {
-                    (self.sink)(Event::LoopsChanged(n));
-                    self.loops = Some(n);
-                    control = StepControl::SetLoops(n);
-                }
-                // A new conversation (or the end) stops the answer first.
-                Ok(request @ (Request::Shutdown | Request::Reset)) => {
-                    self.deferred.push(request);
-                    return StepControl::Stop;
-                }
-                Ok(other) => self.deferred.push(other),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return control,
-            }
+/// Samples `answer`'s next token from its fresh logits and streams its text.
+fn stream_next(answer: &mut Answer<'_>, sink: &dyn Fn(Event)) {
+    let token = match answer.sequence.sample(&mut answer.sampler) {
+        Ok(Some(token)) => token,
+        Ok(None) => return,
+        Err(e) => {
+            answer.failed = Some(failure(e));
+            return;
         }
-    }
+    };
+    let latency = answer.last.elapsed();
+    answer.last = Instant::now();
+    let text = match answer.stream.as_mut().map(|s| s.push(token)) {
+        Some(Ok(chunk)) => chunk.unwrap_or_default(),
+        Some(Err(e)) => {
+            sink(Event::Error(e.to_string()));
+            answer.sequence.cancel();
+            return;
+        }
+        None => format!(" {token}"),
+    };
+    sink(Event::Token {
+        id: answer.id,
+        text,
+        latency,
+    });
 }

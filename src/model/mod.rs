@@ -26,7 +26,7 @@ pub use error::{ModelError, Result, MAX_LOOPS};
 pub use gguf::{gguf_tensor_name, GgufWeights, LIFT_WINDOW};
 pub use gguf_tokenizer::{chat_template_from_gguf, tokenizer_from_gguf};
 pub use kernels::{CpuKernels, Isa};
-pub use plt::{Logits, PltModel};
+pub use plt::{Logits, PltModel, PREFILL_CHUNK};
 pub use sampling::{Sampler, SamplingParams};
 pub use sentencepiece::{SpmError, SpmModel};
 pub use tokenizer::{TextStream, TextTokenizer, TokenizerConfig};

@@ -20,7 +20,7 @@ mod fused;
 mod prefill;
 
 /// Positions prefilled per chunk: bounds the attention score matrix of a long prompt.
-const PREFILL_CHUNK: usize = 512;
+pub const PREFILL_CHUNK: usize = 512;
 
 /// The gate mixing global and local attention in loops >= 1.
 enum PltGate {
@@ -660,12 +660,8 @@ impl PltModel {
         tokens: &[u32],
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Tensor, usize)> {
-        let common = cache.shared_prefix(tokens);
-        // The last token is always run again: its logits are not kept.
-        let keep = common.min(tokens.len().saturating_sub(1));
+        let keep = self.reuse_prefix(cache, tokens)?;
         let rest = &tokens[keep..];
-        self.check_ids_at(keep, rest)?;
-        self.truncate(cache, keep)?;
         let mut logits = None;
         let mut done = 0;
         for chunk in rest.chunks(PREFILL_CHUNK) {
@@ -674,6 +670,19 @@ impl PltModel {
             progress(done, rest.len());
         }
         Ok((logits.ok_or(ModelError::EmptyInput)?, keep))
+    }
+
+    /// Cuts `cache` back to the longest prefix it shares with `tokens`, short of their last
+    /// position (whose logits are not kept, so it always runs again), after checking the
+    /// ids still to compute; returns how many positions it keeps.
+    pub fn reuse_prefix(&self, cache: &mut PltCache, tokens: &[u32]) -> Result<usize> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        let keep = cache.shared_prefix(tokens).min(tokens.len() - 1);
+        self.check_ids_at(keep, &tokens[keep..])?;
+        self.truncate(cache, keep)?;
+        Ok(keep)
     }
 
     fn carry_row(&self, cache: &PltCache, loop_idx: usize) -> Result<Tensor> {

@@ -77,7 +77,11 @@ impl Routes {
             | Event::Failed { id, .. }
             | Event::Reasoning { id, .. }
             | Event::Tokenized { id, .. } => *id,
-            Event::ResetDone | Event::Error(_) | Event::Notice(_) | Event::Unavailable(_) => return,
+            Event::ResetDone
+            | Event::Error(_)
+            | Event::Notice(_)
+            | Event::Unavailable(_)
+            | Event::Step { .. } => return,
         };
         let channels = lock(&self.channels);
         if let Some(channel) = channels.get(&id) {
@@ -108,17 +112,18 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Requests admitted and not yet finished (running or waiting).
     in_flight: AtomicUsize,
-    /// Most requests admitted at once: the running one and the queue.
+    /// Most requests admitted at once: the running ones and the queue.
     limit: usize,
     closing: AtomicBool,
 }
 
 impl Hub {
-    /// A hub over `backend`, whose events reach `routes`, admitting the running request and
-    /// `queue_length` more.
+    /// A hub over `backend`, whose events reach `routes`, admitting the `running` requests
+    /// the engine answers together and `queue_length` more.
     pub fn new(
         backend: Box<dyn Backend + Send + Sync>,
         routes: Arc<Routes>,
+        running: usize,
         queue_length: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -126,7 +131,7 @@ impl Hub {
             routes,
             next_id: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
-            limit: queue_length + 1,
+            limit: running + queue_length,
             closing: Default::default(),
         })
     }
@@ -154,7 +159,6 @@ impl Hub {
                 (n < self.limit).then_some(n + 1)
             })
             .map_err(|_| Refusal::Busy)?;
-        self.routes.metrics.set_queue(self.queued());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, events) = unbounded_channel();
         lock(&self.routes.channels).insert(id, sender);
@@ -165,11 +169,6 @@ impl Hub {
             hub: Arc::clone(self),
             finished: false,
         })
-    }
-
-    /// Requests waiting behind the running one.
-    pub fn queued(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst).saturating_sub(1)
     }
 
     /// Refuses new requests from now on.
@@ -213,6 +212,5 @@ impl Drop for Ticket {
         }
         lock(&self.hub.routes.channels).remove(&self.id);
         self.hub.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.hub.routes.metrics.set_queue(self.hub.queued());
     }
 }

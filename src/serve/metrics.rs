@@ -1,4 +1,5 @@
-//! The server's Prometheus figures: requests, tokens, latency histograms, queue, KV bytes.
+//! The server's Prometheus figures: requests, tokens, latency histograms, the running and
+//! waiting answers and the rows per decode step, KV bytes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write;
@@ -75,6 +76,10 @@ pub struct Metrics {
     cached_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     queue: AtomicUsize,
+    running: AtomicUsize,
+    batch_rows: AtomicUsize,
+    decode_steps: AtomicU64,
+    decode_rows: AtomicU64,
     kv_bytes: AtomicUsize,
     loops: AtomicUsize,
 }
@@ -93,6 +98,10 @@ impl Default for Metrics {
             cached_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             queue: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            batch_rows: AtomicUsize::new(0),
+            decode_steps: AtomicU64::new(0),
+            decode_rows: AtomicU64::new(0),
             kv_bytes: AtomicUsize::new(0),
             loops: AtomicUsize::new(0),
         }
@@ -142,6 +151,19 @@ impl Metrics {
             Event::Failed { id, .. } => {
                 self.locked().streaming.remove(id);
             }
+            Event::Step {
+                running,
+                waiting,
+                rows,
+            } => {
+                self.running.store(*running, Ordering::Relaxed);
+                self.queue.store(*waiting, Ordering::Relaxed);
+                self.batch_rows.store(*rows, Ordering::Relaxed);
+                if *rows > 0 {
+                    self.decode_steps.fetch_add(1, Ordering::Relaxed);
+                    self.decode_rows.fetch_add(*rows as u64, Ordering::Relaxed);
+                }
+            }
             _ => {}
         }
     }
@@ -153,11 +175,6 @@ impl Metrics {
             .requests
             .entry((route.to_owned(), status))
             .or_default() += 1;
-    }
-
-    /// Requests waiting now.
-    pub fn set_queue(&self, queued: usize) {
-        self.queue.store(queued, Ordering::Relaxed);
     }
 
     /// Cached prompt tokens served so far.
@@ -196,6 +213,16 @@ impl Metrics {
                 "Tokens generated.",
                 self.generated_tokens.load(Ordering::Relaxed),
             ),
+            (
+                "plait_decode_steps_total",
+                "Decode steps run (each carries every running answer's loop rows).",
+                self.decode_steps.load(Ordering::Relaxed),
+            ),
+            (
+                "plait_decode_rows_total",
+                "Rows the decode steps carried; over plait_decode_steps_total, rows per step.",
+                self.decode_rows.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(
@@ -206,12 +233,22 @@ impl Metrics {
         let gauges = [
             (
                 "plait_queue_length",
-                "Requests waiting behind the running one.",
+                "Requests waiting for a place beside the running ones.",
                 self.queue.load(Ordering::Relaxed),
             ),
             (
+                "plait_running_answers",
+                "Answers running together (prefilling or decoding).",
+                self.running.load(Ordering::Relaxed),
+            ),
+            (
+                "plait_batch_rows",
+                "Rows of the last decode step: the running answers' loops.",
+                self.batch_rows.load(Ordering::Relaxed),
+            ),
+            (
                 "plait_kv_cache_bytes",
-                "Bytes the kept KV caches hold.",
+                "Bytes the KV caches hold, running and kept (at the last answer's end).",
                 self.kv_bytes.load(Ordering::Relaxed),
             ),
             (

@@ -39,7 +39,7 @@ pub struct ServeOptions {
     pub port: u16,
     /// Key every route but /health needs.
     pub api_key: Option<String>,
-    /// Requests that may wait behind the running one.
+    /// Requests that may wait behind the running ones.
     pub queue_length: usize,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
@@ -350,7 +350,8 @@ pub fn run(options: ServeOptions) -> Result<(), ServeError> {
         let routes = Routes::new();
         let sink = Arc::clone(&routes);
         let engine = Engine::spawn(options.engine.clone(), move |event| sink.dispatch(event))?;
-        let hub = Hub::new(Box::new(engine), routes, options.queue_length);
+        let running = options.engine.batching.max_conversations;
+        let hub = Hub::new(Box::new(engine), routes, running, options.queue_length);
         let server = Arc::new(Server {
             hub: Arc::clone(&hub),
             api_key: options.api_key.clone(),

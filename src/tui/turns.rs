@@ -189,7 +189,7 @@ pub(super) fn on_engine(app: &mut App, event: EngineEvent) -> Vec<Effect> {
                 answer.push_reasoning(&text);
             }
         }
-        EngineEvent::Tokenized { .. } => {}
+        EngineEvent::Tokenized { .. } | EngineEvent::Step { .. } => {}
         EngineEvent::PrefillProgress { done, total, .. } => {
             if matches!(r.state, EngineState::Prefill(_)) {
                 r.state = EngineState::Prefill(done as f32 / total.max(1) as f32);
