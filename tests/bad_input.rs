@@ -440,6 +440,58 @@ fn bench_depth_times_decode_after_each_context_and_prints_the_documented_json() 
 }
 
 #[test]
+fn bench_concurrent_times_conversations_decoding_together_and_prints_the_documented_json() {
+    let model = fixture("plt-tiny-2loop");
+    let config = model.join("config.json");
+    for source in [
+        ["--model", model.to_str().unwrap()],
+        ["--synthetic", config.to_str().unwrap()],
+    ] {
+        let mut args = vec!["bench", "--loops", "1,2", "--concurrent", "1,3"];
+        args.extend_from_slice(&source);
+        args.extend_from_slice(&[
+            "--prompt-tokens",
+            "20",
+            "--gen-tokens",
+            "4",
+            "--threads",
+            "1",
+            "--no-followup",
+            "--json",
+        ]);
+        let (code, stdout, stderr) = plait(&args);
+        assert_eq!(code, 0, "{stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let concurrent = v["concurrent"].as_array().unwrap();
+        let pairs: Vec<_> = concurrent
+            .iter()
+            .map(|c| (c["conversations"].as_u64(), c["loops"].as_u64()))
+            .collect();
+        let want = [(1, 1), (1, 2), (3, 1), (3, 2)].map(|(n, l)| (Some(n), Some(l)));
+        assert_eq!(pairs, want);
+        for c in concurrent {
+            let at = c.to_string();
+            let n = c["conversations"].as_f64().unwrap();
+            let (aggregate, stream) = (
+                c["aggregate_tok_s"].as_f64().unwrap(),
+                c["stream_tok_s"].as_f64().unwrap(),
+            );
+            assert!(stream > 0.0, "{at}");
+            assert!((aggregate - n * stream).abs() < 1e-6 * aggregate, "{at}");
+            assert!(
+                c["token_ms_p99"].as_f64() >= c["token_ms_p50"].as_f64(),
+                "{at}"
+            );
+            assert_eq!(c["context_tokens"], 20, "{at}");
+        }
+    }
+    // A count of zero conversations is refused, naming the flag.
+    let (code, _, stderr) = plait(&["bench", "--concurrent", "0"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--concurrent"), "{stderr}");
+}
+
+#[test]
 fn generation_stops_on_a_stop_id_and_never_returns_it() {
     // Sampling at a high temperature reaches a stop id (2 or 401) soon for this random model.
     let model = fixture("plt-tiny-2loop");

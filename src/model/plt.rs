@@ -541,8 +541,8 @@ impl PltModel {
     }
 
     /// One decode step of several sequences: `ids[i]` after `caches[i]`'s positions, every
-    /// loop row of every sequence in one batch through the matrices (on the CPU's fused
-    /// step; elsewhere one sequence after another), each attending over its own cache.
+    /// loop row of every sequence in one batch through the matrices (the weights read once
+    /// for all), each attending over its own cache.
     /// Returns each sequence's logits `[vocab]`, in order.
     pub fn decode_batch(&self, caches: &mut [&mut PltCache], ids: &[u32]) -> Result<Vec<Tensor>> {
         if caches.len() != ids.len() {
@@ -557,11 +557,7 @@ impl PltModel {
         }
         let logits = match &self.cpu {
             Some(weights) => fused::decode_batch(self, weights, caches, ids)?,
-            None => caches
-                .iter_mut()
-                .zip(ids)
-                .map(|(cache, &id)| self.decode_step(cache, id))
-                .collect::<Result<_>>()?,
+            None => self.decode_step(caches, ids)?,
         };
         for (cache, &id) in caches.iter_mut().zip(ids) {
             cache.tokens.push(id);
@@ -570,41 +566,67 @@ impl PltModel {
         Ok(logits)
     }
 
-    /// The decode step as candle operations (the reference for [`fused::decode_step`]).
-    fn decode_step(&self, cache: &mut PltCache, id: u32) -> Result<Tensor> {
+    /// The decode step as candle operations (the reference for [`fused::decode_batch`]):
+    /// every sequence's loop rows in one batch through the matrices, attention per
+    /// sequence over its own cache.
+    fn decode_step(&self, caches: &mut [&mut PltCache], ids: &[u32]) -> Result<Vec<Tensor>> {
         let c = &self.config;
-        let pos = cache.len();
-        let (cos, sin) = self.rope_tables(&vec![pos; cache.loops])?;
-        let emb = self.embed_ids(&[id])?;
-        let mut h = match &cache.carries {
-            None => emb,
-            Some(carries) => {
-                let upper = carries
-                    .affine(c.plt_hidden_scale, 0.0)?
-                    .broadcast_add(&emb.affine(c.plt_emb_scale, 0.0)?)?;
-                Tensor::cat(&[&emb, &upper], 0)?
-            }
-        };
-        let ring_mask = self.decode_ring_mask(cache, pos)?;
-        let step = Step::Decode {
-            pos,
-            ring_mask: ring_mask.as_ref(),
-        };
+        let mut rows = Vec::with_capacity(caches.len());
+        let mut h = Vec::with_capacity(caches.len());
+        let mut tables = Vec::with_capacity(caches.len());
+        let mut ring_masks = Vec::with_capacity(caches.len());
+        for (cache, &id) in caches.iter().zip(ids) {
+            let pos = cache.len();
+            tables.push(self.rope_tables(&vec![pos; cache.loops])?);
+            ring_masks.push(self.decode_ring_mask(cache, pos)?);
+            let emb = self.embed_ids(&[id])?;
+            h.push(match &cache.carries {
+                None => emb,
+                Some(carries) => {
+                    let upper = carries
+                        .affine(c.plt_hidden_scale, 0.0)?
+                        .broadcast_add(&emb.affine(c.plt_emb_scale, 0.0)?)?;
+                    Tensor::cat(&[&emb, &upper], 0)?
+                }
+            });
+            rows.push(cache.loops);
+        }
+        let mut h = Tensor::cat(&h, 0)?;
         for li in 0..self.layers.len() {
-            h = self.layer_forward(li, &h, &cos, &sin, &step, cache)?;
+            let (q, k, v) = self.project_qkv(li, &h)?;
+            let mut attn = Vec::with_capacity(caches.len());
+            let mut first = 0;
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let part = |t: &Tensor| t.narrow(0, first, rows[i]);
+                let (cos, sin) = &tables[i];
+                let q = self.rope(&part(&q)?, cos, sin)?;
+                let k = self.rope(&part(&k)?, cos, sin)?;
+                let step = Step::Decode {
+                    pos: cache.len(),
+                    ring_mask: ring_masks[i].as_ref(),
+                };
+                attn.push(self.attention(li, &part(&h)?, &q, &k, &part(&v)?, &step, cache)?);
+                first += rows[i];
+            }
+            h = self.layer_output(li, &h, &Tensor::cat(&attn, 0)?)?;
         }
         let normed = rms_norm(&h, &self.norm, c.rms_norm_eps as f32)?;
-        let loops = cache.loops;
-        if loops > 1 {
-            let out = if c.plt_normalize_per_loop {
-                &normed
-            } else {
-                &h
-            };
-            cache.carries = Some(out.narrow(0, 0, loops - 1)?.contiguous()?);
+        let out = if c.plt_normalize_per_loop {
+            &normed
+        } else {
+            &h
+        };
+        let mut last = Vec::with_capacity(caches.len());
+        let mut first = 0;
+        for (cache, &loops) in caches.iter_mut().zip(&rows) {
+            if loops > 1 {
+                cache.carries = Some(out.narrow(0, first, loops - 1)?.contiguous()?);
+            }
+            last.push(normed.narrow(0, first + loops - 1, 1)?);
+            first += loops;
         }
-        let logits = matmul(&self.lm_head, &normed.narrow(0, loops - 1, 1)?)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
+        let logits = matmul(&self.lm_head, &Tensor::cat(&last, 0)?)?.to_dtype(DType::F32)?;
+        (0..caches.len()).map(|i| Ok(logits.get(i)?)).collect()
     }
 
     /// Drops cached positions from `len` on; loops >= 1 are rebuilt to match a fresh run.
@@ -895,6 +917,15 @@ impl PltModel {
         step: &Step<'_>,
         cache: &mut PltCache,
     ) -> Result<Tensor> {
+        let (q, k, v) = self.project_qkv(li, h)?;
+        let q = self.rope(&q, cos, sin)?;
+        let k = self.rope(&k, cos, sin)?;
+        let attn = self.attention(li, h, &q, &k, &v, step, cache)?;
+        self.layer_output(li, h, &attn)
+    }
+
+    /// Layer `li`'s queries, keys and values of the rows `h` (`[rows, heads, hd]`, before RoPE).
+    fn project_qkv(&self, li: usize, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let c = &self.config;
         let layer = &self.layers[li];
         let rows = h.dim(0)?;
@@ -903,12 +934,30 @@ impl PltModel {
         let q = matmul(&layer.q_proj, &x)?.reshape((rows, heads, hd))?;
         let k = matmul(&layer.k_proj, &x)?.reshape((rows, kv_heads, hd))?;
         let v = matmul(&layer.v_proj, &x)?.reshape((rows, kv_heads, hd))?;
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?;
+        Ok((q, k, v))
+    }
+
+    /// Layer `li`'s attention output for one sequence's rows `h` and their post-RoPE
+    /// queries and keys; writes the K/V to `cache`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        li: usize,
+        h: &Tensor,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        step: &Step<'_>,
+        cache: &mut PltCache,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let layer = &self.layers[li];
+        let rows = h.dim(0)?;
+        let hd = c.head_dim;
         // K/V as the cache stores them: this chunk's own keys read the same values as later
         // positions will (and as the CPU decode step does).
         let kv = cache.shape.kv_dtype;
-        let (k, v) = (self.round_to(&k, kv)?, self.round_to(&v, kv)?);
+        let (k, v) = (self.round_to(k, kv)?, self.round_to(v, kv)?);
         let stored = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(kv)?) };
         let computed = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(self.dtype)?) };
         let attn = match *step {
@@ -936,12 +985,12 @@ impl PltModel {
                     Some(shape) => {
                         let causal: Vec<_> = (0..rows).map(|r| 0..start + r + 1).collect();
                         let (k0, v0) = (&cache.k0[li], &cache.v0[li]);
-                        prefill::tensor_attention(&q, k0, v0, &causal, shape)?
+                        prefill::tensor_attention(q, k0, v0, &causal, shape)?
                     }
                     None => {
                         let k0 = computed(cache.k0[li].narrow(1, 0, keys)?)?;
                         let v0 = computed(cache.v0[li].narrow(1, 0, keys)?)?;
-                        attend(&q, &k0, &v0, causal_mask, hd)?
+                        attend(q, &k0, &v0, causal_mask, hd)?
                     }
                 };
                 match window {
@@ -959,15 +1008,15 @@ impl PltModel {
                                     self.windows_in_position_order(cache, start, rows)?;
                                 let local_k = local_k.index_select(&keys, 1)?;
                                 let local_v = local_v.index_select(&keys, 1)?;
-                                prefill::tensor_attention(&q, &local_k, &local_v, &windows, shape)?
+                                prefill::tensor_attention(q, &local_k, &local_v, &windows, shape)?
                             }
-                            None => attend(&q, &local_k, &local_v, Some(window_mask), hd)?,
+                            None => attend(q, &local_k, &local_v, Some(window_mask), hd)?,
                         };
                         let next_k = local_k.index_select(ring_sources, 1)?.unsqueeze(0)?;
                         let next_v = local_v.index_select(ring_sources, 1)?.unsqueeze(0)?;
                         cache.ring_k[li].slice_set(&stored(&next_k)?, 0, ring)?;
                         cache.ring_v[li].slice_set(&stored(&next_v)?, 0, ring)?;
-                        let gate = layer.gate(h, &q, c.rms_norm_eps)?;
+                        let gate = layer.gate(h, q, c.rms_norm_eps)?;
                         mix(&gate, &global, &local, hd)?
                     }
                     _ => global,
@@ -987,7 +1036,7 @@ impl PltModel {
                 )?;
                 let k0 = computed(cache.k0[li].narrow(1, 0, pos + 1)?)?;
                 let v0 = computed(cache.v0[li].narrow(1, 0, pos + 1)?)?;
-                let global = attend(&q, &k0, &v0, None, hd)?;
+                let global = attend(q, &k0, &v0, None, hd)?;
                 if rows == 1 {
                     global
                 } else {
@@ -1009,7 +1058,14 @@ impl PltModel {
                 }
             }
         };
-        let h = (h + matmul(&layer.o_proj, &attn)?)?;
+        Ok(attn)
+    }
+
+    /// Layer `li`'s output rows from its input rows `h` and their attention `attn`.
+    fn layer_output(&self, li: usize, h: &Tensor, attn: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let layer = &self.layers[li];
+        let h = (h + matmul(&layer.o_proj, attn)?)?;
         let y = rms_norm(&h, &layer.post_attention_norm, c.rms_norm_eps as f32)?;
         let mlp =
             candle_nn::ops::silu(&matmul(&layer.gate_proj, &y)?)? * matmul(&layer.up_proj, &y)?;
