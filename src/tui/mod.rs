@@ -76,6 +76,10 @@ async fn event_loop(
     };
     // The UI is up at once; the worker loads the model and reports progress as events.
     let engine = start(Box::new(move |event| {
+        // The worker's per-step scheduling report shows nothing here: no redraw for it.
+        if matches!(event, crate::engine::Event::Step { .. }) {
+            return;
+        }
         // The receiver is gone only when the UI has quit: nothing to report to.
         let _ = engine_tx.send(event);
     }))?;
