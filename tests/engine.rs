@@ -564,3 +564,55 @@ fn conversations_answered_together_each_get_their_solo_answer() {
         "one step carried the loop rows of the three questions: {rows:?}"
     );
 }
+
+#[test]
+fn a_long_prompt_is_computed_a_chunk_per_step_beside_a_running_answer() {
+    let batching = Batching {
+        max_conversations: 4,
+        prefill_chunk: 16,
+    };
+    let (engine, rx) = start_with(None, None, None, batching);
+    while !matches!(next(&rx), Event::Loaded(_)) {}
+    let running = job(&[ChatMessage::new("user", "Count to one hundred.")], 60);
+    let running_id = running.id;
+    engine.send(Request::Generate(running));
+    let long_text = "Explain what this code does, line by line. ".repeat(12);
+    let long = job(&[ChatMessage::new("user", long_text)], 4);
+    let long_id = long.id;
+    let mut long = Some(long);
+    let mut order = Vec::new();
+    let mut ended = 0;
+    while ended < 2 {
+        match next(&rx) {
+            Event::Token { id, .. } if id == running_id => {
+                order.push('t');
+                if let Some(long) = long.take() {
+                    engine.send(Request::Generate(long));
+                }
+            }
+            Event::PrefillProgress { id, .. } if id == long_id => order.push('p'),
+            Event::Done { id, stats } => {
+                ended += 1;
+                if id == running_id {
+                    assert!(stats.tokens > 1, "{stats:?}");
+                    order.push('d');
+                }
+            }
+            Event::Failed { message, .. } | Event::Error(message) => panic!("{message}"),
+            _ => {}
+        }
+    }
+    let order: String = order.into_iter().collect();
+    let chunks = order.matches('p').count();
+    assert!(chunks >= 4, "the long prompt took {chunks} chunks: {order}");
+    // While the first answer streams, each of its steps waits for one chunk at most.
+    let streaming = &order[..order.find('d').unwrap()];
+    assert!(
+        !streaming.contains("pp"),
+        "two chunks between two tokens: {order}"
+    );
+    assert!(
+        streaming.trim_end_matches('t').contains('p'),
+        "the prompt was computed while the answer streamed: {order}"
+    );
+}
