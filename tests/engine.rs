@@ -616,3 +616,44 @@ fn a_long_prompt_is_computed_a_chunk_per_step_beside_a_running_answer() {
         "the prompt was computed while the answer streamed: {order}"
     );
 }
+
+#[test]
+fn a_request_past_the_kv_budget_waits_for_the_running_answer() {
+    // One byte of budget: a second answer never fits beside the first, which always runs.
+    let (engine, rx) = start_with(None, None, Some(1), Batching::default());
+    while !matches!(next(&rx), Event::Loaded(_)) {}
+    let (first, second) = (
+        job(&[ChatMessage::new("user", "hi")], 6),
+        job(&[ChatMessage::new("user", "hello")], 6),
+    );
+    let ids = [first.id, second.id];
+    engine.send(Request::Generate(first));
+    engine.send(Request::Generate(second));
+    let (mut order, mut waited, mut ended) = (Vec::new(), false, 0);
+    while ended < 2 {
+        let event = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        match event {
+            Event::Step {
+                running, waiting, ..
+            } => {
+                assert!(running <= 1, "{running} answers beside each other");
+                waited |= waiting == 1;
+            }
+            Event::Started { id, .. } => order.push(("started", id)),
+            Event::Done { id, .. } => {
+                order.push(("done", id));
+                ended += 1;
+            }
+            Event::Failed { message, .. } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    assert!(waited, "the second request was reported waiting");
+    let want = [
+        ("started", ids[0]),
+        ("done", ids[0]),
+        ("started", ids[1]),
+        ("done", ids[1]),
+    ];
+    assert_eq!(order, want);
+}
