@@ -1125,7 +1125,7 @@ mod tests {
         }
         assert_eq!(field_names::<RemoteConfig>().len(), 5);
         assert_eq!(field_names::<AppConfig>().len(), 12);
-        assert_eq!(field_names::<ServeConfig>().len(), 6);
+        assert_eq!(field_names::<ServeConfig>().len(), 8);
         assert_eq!(field_names::<SamplingConfig>().len(), 6);
     }
 }
