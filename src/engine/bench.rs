@@ -138,11 +138,8 @@ pub fn bench_depths(
         model.config().max_position_embeddings,
     );
     // Every step must fit before any context is prefilled.
-    if let Some(&depth) = depths.iter().find(|&&d| d + WARM_STEPS + gen_tokens > max) {
-        return Err(ModelError::ContextOverflow {
-            len: depth + WARM_STEPS + gen_tokens,
-            max,
-        });
+    for &depth in depths {
+        check_room(max, depth, gen_tokens)?;
     }
     // `[depth][loop count]`.
     let mut runs: Vec<Vec<LoopRun>> = vec![Vec::new(); depths.len() * loop_counts.len()];
@@ -226,12 +223,7 @@ pub fn bench_concurrent(
         model.config().vocab_size,
         model.config().max_position_embeddings,
     );
-    if context_tokens + WARM_STEPS + gen_tokens > max {
-        return Err(ModelError::ContextOverflow {
-            len: context_tokens + WARM_STEPS + gen_tokens,
-            max,
-        });
-    }
+    check_room(max, context_tokens, gen_tokens)?;
     let ids = bench_ids(context_tokens, vocab, 0);
     let pairs: Vec<(usize, usize)> = conversations
         .iter()
@@ -287,6 +279,16 @@ pub fn bench_concurrent(
             }
         })
         .collect())
+}
+
+/// Refuses a context of `depth` positions whose warm-up and `gen_tokens` steps would pass
+/// the model's `max` positions.
+fn check_room(max: usize, depth: usize, gen_tokens: usize) -> Result<()> {
+    let len = depth + WARM_STEPS + gen_tokens;
+    match len > max {
+        true => Err(ModelError::ContextOverflow { len, max }),
+        false => Ok(()),
+    }
 }
 
 /// A cache at `loops` loops holding the context `ids`: a copy of `prefilled` (its upper

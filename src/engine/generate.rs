@@ -81,14 +81,13 @@ impl<F: FnMut(u32) -> StepControl> GenerationObserver for F {
 /// caller runs the decode steps ([`PltModel::decode_batch`] for several at once) and gives
 /// back their logits; the cache travels beside it.
 pub struct Sequence {
-    prompt: Vec<u32>,
+    /// The prompt, then the tokens generated (the sampler's penalties read it all).
+    history: Vec<u32>,
+    prompt_len: usize,
     /// Prompt positions in the cache so far (reused or computed).
     computed: usize,
     max_tokens: usize,
     stop_ids: Vec<u32>,
-    /// The prompt and the tokens generated, for the sampler's penalties.
-    history: Vec<u32>,
-    ids: Vec<u32>,
     /// The logits the next token is sampled from, once computed.
     logits: Option<Tensor>,
     /// The sampled token whose decode step is due.
@@ -110,12 +109,11 @@ impl Sequence {
         let started = Instant::now();
         let reused = model.reuse_prefix(cache, request.prompt)?;
         Ok(Self {
-            prompt: request.prompt.to_vec(),
+            history: request.prompt.to_vec(),
+            prompt_len: request.prompt.len(),
             computed: reused,
             max_tokens: request.max_tokens,
             stop_ids: request.stop_ids.to_vec(),
-            history: request.prompt.to_vec(),
-            ids: Vec::new(),
             logits: None,
             pending: None,
             stop_reason: None,
@@ -131,7 +129,12 @@ impl Sequence {
 
     /// Whether prompt positions are still to compute.
     pub fn is_prefilling(&self) -> bool {
-        self.computed < self.prompt.len()
+        self.computed < self.prompt_len
+    }
+
+    /// Tokens generated so far.
+    fn generated(&self) -> usize {
+        self.history.len() - self.prompt_len
     }
 
     /// Computes up to `rows` more prompt positions; returns (computed, to compute) of the
@@ -142,15 +145,15 @@ impl Sequence {
         cache: &mut PltCache,
         rows: usize,
     ) -> Result<(usize, usize)> {
-        let end = self.prompt.len().min(self.computed + rows.max(1));
-        let logits = model.prefill(cache, &self.prompt[self.computed..end], Logits::Last)?;
+        let end = self.prompt_len.min(self.computed + rows.max(1));
+        let logits = model.prefill(cache, &self.history[self.computed..end], Logits::Last)?;
         self.computed = end;
         if !self.is_prefilling() {
             self.logits = Some(logits.ok_or(ModelError::EmptyInput)?);
             self.metrics.prefill = self.started.elapsed();
         }
         let reused = self.metrics.reused_tokens;
-        Ok((self.computed - reused, self.prompt.len() - reused))
+        Ok((self.computed - reused, self.prompt_len - reused))
     }
 
     /// Samples the next token with `sampler` once logits are ready: `Some(id)` for a token
@@ -160,7 +163,7 @@ impl Sequence {
         if self.stop_reason.is_some() {
             return Ok(None);
         }
-        if self.ids.len() == self.max_tokens {
+        if self.generated() == self.max_tokens {
             self.stop_reason = Some(StopReason::MaxTokens);
             return Ok(None);
         }
@@ -168,7 +171,7 @@ impl Sequence {
             return Ok(None);
         };
         let next = sampler.sample_tensor(&logits, &self.history)?;
-        if self.ids.is_empty() {
+        if self.generated() == 0 {
             self.metrics.time_to_first_token = self.started.elapsed();
         } else {
             self.metrics
@@ -179,9 +182,8 @@ impl Sequence {
             self.stop_reason = Some(StopReason::Eos);
             return Ok(None);
         }
-        self.ids.push(next);
         self.history.push(next);
-        if self.ids.len() == self.max_tokens {
+        if self.generated() == self.max_tokens {
             self.stop_reason = Some(StopReason::MaxTokens);
         } else {
             self.pending = Some(next);
@@ -191,7 +193,7 @@ impl Sequence {
 
     /// The token whose decode step is due, if any; the step's clock starts here.
     pub fn due(&mut self) -> Option<u32> {
-        if self.pending.is_some() && self.logits.is_none() {
+        if self.pending.is_some() {
             self.step_started = Instant::now();
         }
         self.pending
@@ -221,9 +223,9 @@ impl Sequence {
     }
 
     /// The answer so far and its timings.
-    pub fn finish(self) -> Generation {
+    pub fn finish(mut self) -> Generation {
         Generation {
-            ids: self.ids,
+            ids: self.history.split_off(self.prompt_len),
             stop_reason: self.stop_reason.unwrap_or(StopReason::Cancelled),
             metrics: self.metrics,
         }

@@ -183,7 +183,6 @@ struct Answer<'m> {
     stream: Option<TextStream<'m>>,
     /// When its last token (or its request) was streamed.
     last: Instant,
-    prompt_tokens: usize,
     dropped_messages: usize,
     /// Whether it runs at the worker's loop count, so that a loop change moves it too.
     default_loops: bool,
@@ -345,6 +344,7 @@ impl<'m> Worker<'m> {
     /// Starts waiting requests in order while the conversation limit and the KV budget
     /// leave room (the first always starts when nothing runs); the kept caches give way.
     fn admit(&mut self) {
+        let running = self.running.len();
         while self.running.len() < self.batching.max_conversations {
             let Some(Waiting { job, prompt }) = self.waiting.pop_front() else {
                 break;
@@ -373,7 +373,9 @@ impl<'m> Worker<'m> {
                 self.fail(job.id, failure(e));
             }
         }
-        self.caches.trim(self.running_bytes());
+        if self.running.len() > running {
+            self.caches.trim(self.running_bytes());
+        }
     }
 
     /// Takes the cache for `job` and starts its answer.
@@ -405,7 +407,6 @@ impl<'m> Worker<'m> {
             sampler: Sampler::new((&job.sampling).into()),
             stream: loaded.tokenizer.as_ref().map(|t| t.stream()),
             last: Instant::now(),
-            prompt_tokens: prompt.ids.len(),
             dropped_messages: prompt.dropped_messages,
             default_loops: job.loops.is_none(),
             failed: None,
@@ -506,7 +507,7 @@ impl<'m> Worker<'m> {
             stats: TurnStats {
                 stop_reason: out.stop_reason,
                 tokens: out.ids.len(),
-                prompt_tokens: answer.prompt_tokens,
+                prompt_tokens: m.prefill_tokens + m.reused_tokens,
                 prefill_time: m.prefill,
                 time_to_first_token: m.time_to_first_token,
                 decode_time: m.token_latencies.iter().sum(),
