@@ -1,6 +1,7 @@
 //! The fixture comparisons of model_parity.rs in half precision, on `PLAIT_TEST_DEVICE`
 //! (`cpu` by default; `cuda` or `cuda:N` in a `--features cuda` build) and
-//! `PLAIT_TEST_DTYPE` (`bf16` by default, or `f16`).
+//! `PLAIT_TEST_DTYPE` (`bf16` by default, or `f16`); the fixtures are read from
+//! `PLAIT_TEST_FIXTURES` where a test binary runs away from its checkout (the GPU check).
 //!
 //! Tolerances, against the f32 oracle, are counted in steps of the dtype's precision (2^-8
 //! for bf16, 2^-11 for f16): activations are rounded to it after every operation (matmuls,
@@ -171,6 +172,44 @@ fn greedy_tokens_are_the_argmax_of_the_devices_own_logits() {
                     logits[id as usize] > best - logit_tol(name),
                     "{name} loops {loops} token {i}: {id} scores {} below the best {best}",
                     logits[id as usize]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_batched_decode_step_on_the_device_matches_the_oracle_for_every_sequence() {
+    for name in FIXTURES {
+        let model = load(name);
+        let seq = ids(&expected(name)["sequence_ids"]);
+        let oracle: Vec<Vec<Vec<f32>>> = (1..=3).map(|l| expected_logits(name, l)).collect();
+        // Three sequences over the same ids at loops 1, 2, 3, each after its own prefix (one
+        // past the window), decoded together; the third leaves after a few steps.
+        let window = model.config().plt_window;
+        let starts = [3, window + 2, 9];
+        let mut caches: Vec<_> = (1..=3)
+            .zip(starts)
+            .map(|(loops, start)| {
+                let mut cache = model.new_cache(loops).unwrap();
+                model
+                    .prefill(&mut cache, &seq[..start], Logits::Last)
+                    .unwrap();
+                cache
+            })
+            .collect();
+        for step in 0..12 {
+            let active = if step < 4 { 3 } else { 2 };
+            let positions: Vec<usize> = starts[..active].iter().map(|s| s + step).collect();
+            let step_ids: Vec<u32> = positions.iter().map(|&p| seq[p]).collect();
+            let mut batch: Vec<_> = caches[..active].iter_mut().collect();
+            let logits = model.decode_batch(&mut batch, &step_ids).unwrap();
+            for (i, (logits, &pos)) in logits.iter().zip(&positions).enumerate() {
+                let d = max_diff(&row(logits), &oracle[i][pos]);
+                assert!(
+                    d < logit_tol(name),
+                    "{name} sequence {i} (loops {}) position {pos}: {d}",
+                    i + 1
                 );
             }
         }

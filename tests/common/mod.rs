@@ -13,10 +13,12 @@ use plait::model::{PltModel, Sampler, SamplingParams};
 /// The fixture checkpoints copied from ../shared/fixtures.
 pub const FIXTURES: [&str; 2] = ["plt-tiny-2loop", "plt-tiny-3loop-bf16"];
 
-/// Path of a fixture directory inside the repository.
+/// Path of a fixture directory: under `PLAIT_TEST_FIXTURES` when set (a test binary run
+/// away from its checkout, as on the GPU machine), else the repository's tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    std::env::var_os("PLAIT_TEST_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
         .join(name)
 }
 
