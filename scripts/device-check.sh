@@ -37,22 +37,40 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 if $packed; then
   pack=${PLAIT_DEVICE_PACK:-.device}
-  [ -x "$pack/bin/plait" ] || { echo "no $pack/bin/plait: run scripts/pack-cuda.sh first" >&2; exit 1; }
+  [ -e "$pack/bin/plait.xz" ] || { echo "no $pack/bin/plait.xz: run scripts/pack-cuda.sh first" >&2; exit 1; }
+  # The binaries, unpacked (xz, else Python's lzma) where they may run.
+  bin=$(mktemp -d)/bin
+  mkdir -p "$bin"
+  for packed_bin in "$pack"/bin/*.xz; do
+    name=$(basename "$packed_bin" .xz)
+    if command -v xz >/dev/null; then
+      xz -dc "$packed_bin" >"$bin/$name"
+    else
+      python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+        "$packed_bin" "$bin/$name"
+    fi
+    chmod +x "$bin/$name"
+  done
   # CUDA's libraries: the driver's libcuda where the loader or the driver's folder has it,
   # the rest from the Python environment's NVIDIA wheels (nvidia/cu13/lib, nvidia/*/lib).
-  dirs=$pack/lib
+  dirs=
   site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
   for lib in $(cat "$pack/cuda-libs.txt"); do
     ldconfig -p 2>/dev/null | grep -q "^[[:space:]]*$lib " && continue
-    found=$(find ${site:+"$site/nvidia"} /usr/local/nvidia /usr/local/cuda/lib64 -name "$lib" 2>/dev/null | head -n 1)
-    [ -n "$found" ] && dirs=$dirs:$(dirname "$found")
+    found=$(find ${site:+"$site/nvidia"} /usr/local/nvidia /usr/local/cuda/lib64 -name "$lib" 2>/dev/null | head -n 1 || true)
+    if [ -n "$found" ]; then dirs=${dirs:+$dirs:}$(dirname "$found"); fi
   done
-  export LD_LIBRARY_PATH=$dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  missing=$(ldd "$pack"/bin/* | grep 'not found' | sort -u || true)
+  export LD_LIBRARY_PATH=$dirs${LD_LIBRARY_PATH:+${dirs:+:}$LD_LIBRARY_PATH}
+  # The libraries that travelled (libstdc++), only where this machine lacks its own.
+  if ldd "$bin"/* | grep -q 'not found'; then
+    export LD_LIBRARY_PATH=$LD_LIBRARY_PATH${LD_LIBRARY_PATH:+:}$PWD/$pack/lib
+  fi
+  missing=$(ldd "$bin"/* | grep 'not found' | sort -u || true)
   [ -z "$missing" ] || { echo "libraries not found (LD_LIBRARY_PATH=$LD_LIBRARY_PATH):" >&2; echo "$missing" >&2; exit 1; }
-  echo "needs $(cat "$pack/glibc.txt"); has $(ldd --version | head -n 1)" >&2
-  plait=$pack/bin/plait
-  parity=("$pack/bin/model_parity_half" --test-threads 1)
+  echo "binaries of $(cat "$pack/commit.txt"); need $(cat "$pack/glibc.txt"), have $(ldd --version | head -n 1)" \
+    | tee "$out/binaries.txt" >&2
+  plait=$bin/plait
+  parity=("$bin/model_parity_half" --test-threads 1)
   export PLAIT_TEST_FIXTURES=$PWD/tests/fixtures
 else
   wheels=${PLAIT_CUDA_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/plait/cuda-13.0}/nvidia/cu13
