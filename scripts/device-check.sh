@@ -12,7 +12,8 @@
 #      GPU questions), each bounded in time so that a slow one costs only itself;
 #   5. one table, printed last and written to $OUT/table.txt: speed per loop count, the
 #      loops 2 / loops 1 decode latency ratio (target <= 1.15), decode at loops 1 as a
-#      fraction of the bandwidth ceiling (target >= 0.60), the TTFT of the 2048-token prompt.
+#      fraction of the bandwidth ceiling (target >= 0.60), the TTFT of the 2048-token prompt,
+#      and the host's share of a step (host ms near p50 ms: bound by launches, not the GPU).
 # JSON and logs go to $OUT (else target/device-check).
 #
 #   scripts/device-check.sh [--packed] [GPU]     # GPU: the device, default cuda:0
@@ -123,7 +124,7 @@ def load(name):
 gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "?"
 print(f"GPU: {gpu}; bf16 parity tests: {parity}")
 print(f"{'model':<30} {'loops':>5} {'prefill t/s':>12} {'TTFT ms':>9} {'decode t/s':>11} "
-      f"{'p50 ms':>8} {'vs loops 1':>10} {'of ceiling':>10}")
+      f"{'p50 ms':>8} {'host ms':>8} {'vs loops 1':>10} {'of ceiling':>10}")
 for name in ["bench-plt-tiny-2loop", "bench-plt-tiny-3loop-bf16", "bench-loopcoder-v2"]:
     run = load(name)
     if run is None:
@@ -134,6 +135,7 @@ for name in ["bench-plt-tiny-2loop", "bench-plt-tiny-3loop-bf16", "bench-loopcod
         fraction = r.get("ceiling_fraction")
         print(f"{run['model'][-30:]:<30} {r['loops']:>5} {r['prefill_tok_s']:>12.1f} "
               f"{r['ttft_ms']:>9.1f} {r['decode_tok_s']:>11.1f} {r['token_ms_p50']:>8.3f} "
+              f"{r.get('host_ms_p50', float('nan')):>8.3f} "
               f"{r['token_ms_p50'] / base:>9.2f}x "
               f"{'' if fraction is None else f'{fraction:.0%}':>10}")
 big = load("bench-loopcoder-v2")

@@ -811,6 +811,7 @@ fn bench(args: BenchArgs) -> Result<()> {
                     "ttft_ms": r.ttft_ms,
                     "token_ms_p50": r.token_ms_p50,
                     "token_ms_p90": r.token_ms_p90,
+                    "host_ms_p50": r.host_ms_p50,
                     "kv_bytes": r.kv_bytes,
                     "decode_ceiling_tok_s": ceiling_at,
                     "ceiling_fraction": ceiling_at.map(|c| r.decode_tok_s / c),

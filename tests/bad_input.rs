@@ -306,6 +306,9 @@ fn commands_print_the_documented_json() {
             assert!(r[field].as_f64().unwrap() > 0.0, "{field}");
         }
         assert!(r["token_ms_p90"].as_f64() >= r["token_ms_p50"].as_f64());
+        // Each step is issued before its token is waited for.
+        let host = r["host_ms_p50"].as_f64().unwrap();
+        assert!(host > 0.0 && host <= r["token_ms_p50"].as_f64().unwrap());
         assert!(r["kv_bytes"].as_u64().unwrap() > 0);
     }
     // A conversation of a user message of at least 512 tokens and its answer, then a

@@ -50,6 +50,10 @@ pub struct LoopBench {
     pub token_ms_p50: f64,
     /// 90th percentile decode step.
     pub token_ms_p90: f64,
+    /// Median time the host spends issuing a decode step, before it waits for the sampled
+    /// token: on a GPU, near `token_ms_p50` when the step is bound by the host's launches,
+    /// well under it when by the GPU; on the CPU, which computes as it issues, the step.
+    pub host_ms_p50: f64,
     /// Cache size after the run.
     pub kv_bytes: usize,
 }
@@ -160,11 +164,13 @@ pub fn bench_depths(
                 let context = prefilled.as_ref().map(|(cache, _)| cache);
                 let mut cache = context_cache(model, context, &ids, loops, gen_tokens)?;
                 let first = ids.last().copied().unwrap_or(0);
-                let steps = decode_steps(model, &mut cache, first, WARM_STEPS + gen_tokens)?;
+                let (steps, issued) =
+                    decode_steps(model, &mut cache, first, WARM_STEPS + gen_tokens)?;
                 runs[di * loop_counts.len() + li].push(LoopRun {
                     prefill: prefilled.as_ref().map(|(_, time)| *time),
                     ttft: None,
                     steps: steps[WARM_STEPS..].to_vec(),
+                    issued: issued[WARM_STEPS..].to_vec(),
                     kv_bytes: cache.size_bytes(),
                 });
             }
@@ -324,26 +330,30 @@ struct LoopRun {
     prefill: Option<Duration>,
     ttft: Option<Duration>,
     steps: Vec<Duration>,
+    /// Each step's time until it was issued (see [`LoopBench::host_ms_p50`]).
+    issued: Vec<Duration>,
     kv_bytes: usize,
 }
 
-/// Times `count` greedy decode steps from token `first`.
+/// Times `count` greedy decode steps from token `first`: each step, and the part of it
+/// spent issuing the step before the sampled token is waited for.
 fn decode_steps(
     model: &PltModel,
     cache: &mut PltCache,
     first: u32,
     count: usize,
-) -> Result<Vec<Duration>> {
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let mut sampler = Sampler::new(SamplingParams::default());
     let mut next = first;
-    let mut steps = Vec::with_capacity(count);
+    let (mut steps, mut issued) = (Vec::with_capacity(count), Vec::with_capacity(count));
     for _ in 0..count {
         let step = Instant::now();
         let logits = model.decode(cache, next)?;
+        issued.push(step.elapsed());
         next = sampler.sample_tensor(&logits, &[])?;
         steps.push(step.elapsed());
     }
-    Ok(steps)
+    Ok((steps, issued))
 }
 
 fn run_loops(
@@ -376,11 +386,12 @@ fn run_loops(
     let prefill = started.elapsed();
     let first = sampler.sample_tensor(&logits, &[])?;
     let ttft = started.elapsed();
-    let steps = decode_steps(model, &mut cache, first, gen_tokens)?;
+    let (steps, issued) = decode_steps(model, &mut cache, first, gen_tokens)?;
     Ok(LoopRun {
         prefill: Some(prefill),
         ttft: Some(ttft),
         steps,
+        issued,
         kv_bytes: cache.size_bytes(),
     })
 }
@@ -398,8 +409,12 @@ fn summarize(
         true => 0.0,
         false => (count * runs.len()) as f64 / time.as_secs_f64(),
     };
-    let mut steps: Vec<Duration> = runs.iter().flat_map(|r| r.steps.iter().copied()).collect();
-    steps.sort();
+    let pooled = |times: fn(&LoopRun) -> &Vec<Duration>| {
+        let mut all: Vec<Duration> = runs.iter().flat_map(|r| times(r).iter().copied()).collect();
+        all.sort();
+        all
+    };
+    let (steps, issued) = (pooled(|r| &r.steps), pooled(|r| &r.issued));
     let prefills: Option<Duration> = runs.iter().map(|r| r.prefill).sum();
     let mut ttfts: Option<Vec<Duration>> = runs.iter().map(|r| r.ttft).collect();
     ttfts.iter_mut().for_each(|t| t.sort());
@@ -413,6 +428,7 @@ fn summarize(
         ttft_ms: ttfts.map(|t| percentile(&t, 0.5)),
         token_ms_p50: percentile(&steps, 0.5),
         token_ms_p90: percentile(&steps, 0.9),
+        host_ms_p50: percentile(&issued, 0.5),
         kv_bytes: runs.last().map_or(0, |r| r.kv_bytes),
     }
 }
