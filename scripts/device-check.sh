@@ -14,7 +14,7 @@
 #      loops 2 / loops 1 decode latency ratio (target <= 1.15), decode at loops 1 as a
 #      fraction of the bandwidth ceiling (target >= 0.60), the TTFT of the 2048-token prompt,
 #      and the host's share of a step (host ms near p50 ms: bound by launches, not the GPU).
-# JSON and logs go to $OUT (else target/device-check).
+# The table, and the JSON and logs bundled, go to $OUT (else target/device-check).
 #
 #   scripts/device-check.sh [--packed] [GPU]     # GPU: the device, default cuda:0
 # Bounded: parity 120 s, the benches 45 + 45 + 150 + 75 + 75 s: at most 8.5 minutes in all,
@@ -30,11 +30,17 @@ fi
 device=${1:-cuda:0}
 out=${OUT:-target/device-check}
 mkdir -p "$out"
+# The logs and JSON are written in a folder of their own and bundled into
+# $out/results.tar.gz after every step (the device tool brings back at most 8 files, and
+# what was bundled before a step that ran out of time still comes back); the table goes to
+# $out/table.txt.
+work=$(mktemp -d)
+bundle() { tar -czf "$out/results.tar.gz" -C "$work" .; }
 started=$(date +%s)
 elapsed() { echo "$(($(date +%s) - started)) s"; }
 
 echo "== GPU" >&2
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt" >&2 || true
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$work/gpu.txt" >&2 || true
 
 if $packed; then
   pack=${PLAIT_DEVICE_PACK:-.device}
@@ -69,7 +75,7 @@ if $packed; then
   missing=$(ldd "$bin"/* | grep 'not found' | sort -u || true)
   [ -z "$missing" ] || { echo "libraries not found (LD_LIBRARY_PATH=$LD_LIBRARY_PATH):" >&2; echo "$missing" >&2; exit 1; }
   echo "binaries of $(cat "$pack/commit.txt"); need $(cat "$pack/glibc.txt"), have $(ldd --version | head -n 1)" \
-    | tee "$out/binaries.txt" >&2
+    | tee "$work/binaries.txt" >&2
   plait=$bin/plait
   parity=("$bin/model_parity_half" --test-threads 1)
   export PLAIT_TEST_FIXTURES=$PWD/tests/fixtures
@@ -79,8 +85,8 @@ else
     export CUDA_ROOT=/usr/local/cuda
   fi
   echo "== build (--features cuda)" >&2
-  scripts/build-cuda.sh build --release --features cuda >"$out/build.log" 2>&1 \
-    || { tail -n 30 "$out/build.log" >&2; exit 1; }
+  scripts/build-cuda.sh build --release --features cuda >"$work/build.log" 2>&1 \
+    || { tail -n 30 "$work/build.log" >&2; exit 1; }
   echo "build: $(elapsed)" >&2
   # The wheels' libraries (cudart, cublas, ...) for the runs below.
   eval "$(scripts/build-cuda.sh env)"
@@ -91,17 +97,19 @@ fi
 echo "== parity on $device (bf16), $(elapsed)" >&2
 # A failure is reported at the end: the bench figures are worth having anyway.
 parity_result=passed
-PLAIT_TEST_DEVICE=$device PLAIT_TEST_DTYPE=bf16 timeout 120 "${parity[@]}" >"$out/parity.log" 2>&1 \
+PLAIT_TEST_DEVICE=$device PLAIT_TEST_DTYPE=bf16 timeout 120 "${parity[@]}" >"$work/parity.log" 2>&1 \
   || parity_result=FAILED
-grep -E "^test |test result|panicked|max diff" "$out/parity.log" >&2 || true
+grep -E "^test |test result|panicked|max diff" "$work/parity.log" >&2 || true
+bundle
 
-# One bench, bounded in time; its JSON in $out/NAME.json, its errors in $out/NAME.log.
+# One bench, bounded in time; its JSON in NAME.json, its errors in NAME.log.
 bench() {
   local name=$1 limit=$2
   shift 2
   echo "== bench $name on $device, $(elapsed)" >&2
-  timeout "$limit" "$plait" bench --device "$device" --json "$@" >"$out/$name.json" 2>"$out/$name.log" \
-    || { echo "bench $name failed or ran past $limit s:" >&2; tail -n 5 "$out/$name.log" >&2; rm -f "$out/$name.json"; }
+  timeout "$limit" "$plait" bench --device "$device" --json "$@" >"$work/$name.json" 2>"$work/$name.log" \
+    || { echo "bench $name failed or ran past $limit s:" >&2; tail -n 5 "$work/$name.log" >&2; rm -f "$work/$name.json"; }
+  bundle
 }
 for fixture in plt-tiny-2loop plt-tiny-3loop-bf16; do
   bench "bench-$fixture" 45 --model "tests/fixtures/$fixture" --loops 1,2,3 \
@@ -115,7 +123,7 @@ bench depth-loopcoder-v2 75 --synthetic loopcoder-v2 --loops 1,2 --depth 2048,81
   --gen-tokens 64 --no-followup
 echo "== done, $(elapsed)" >&2
 
-python3 - "$out" "$parity_result" <<'EOF' | tee "$out/table.txt"
+python3 - "$work" "$parity_result" <<'EOF' | tee "$out/table.txt"
 import json, sys, pathlib
 out, parity = pathlib.Path(sys.argv[1]), sys.argv[2]
 def load(name):
@@ -171,5 +179,6 @@ if run is not None:
         l1, l2 = rows[(depth, 1)], rows[(depth, 2)]
         print(f"  depth {depth}: loops 1 {l1:.2f}, loops 2 {l2:.2f} (loops 2 / 1 {l2 / l1:.2f}x)")
 EOF
-echo "parity tests on $device in bf16: $parity_result (log: $out/parity.log)"
+bundle
+echo "parity tests on $device in bf16: $parity_result (log: parity.log in $out/results.tar.gz)"
 [ "$parity_result" = passed ]

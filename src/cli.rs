@@ -677,6 +677,15 @@ fn ask(args: AskArgs) -> Result<()> {
     Ok(())
 }
 
+/// Puts the default worker thread count in the environment, once, at start (no other
+/// thread runs yet): unset, candle counts the physical cores again from /proc/cpuinfo on
+/// every CPU matmul, about 50 us each, most of a small model's decode step.
+pub fn fix_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        set_threads(candle_core::utils::get_num_threads());
+    }
+}
+
 /// Sets the worker thread count; called before any model code runs.
 fn set_threads(threads: usize) {
     // candle's CPU kernels size their thread pools from this variable on first use.

@@ -36,6 +36,7 @@ fn init_logging(tui: bool) {
 }
 
 fn main() -> ExitCode {
+    cli::fix_thread_count();
     let cli = cli::Cli::parse();
     init_logging(cli.is_tui());
     match cli.run() {
