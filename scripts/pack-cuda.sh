@@ -24,17 +24,21 @@ export CARGO_TARGET_DIR=${PLAIT_CUDA_TARGET_DIR:-target/cuda-x86-64-v3}
 export RUSTFLAGS="-C target-cpu=x86-64-v3"
 limit=$((64 * 1024 * 1024))
 
-cargo_args=(--release --features cuda --bin plait --test model_parity_half)
-scripts/build-cuda.sh build "${cargo_args[@]}"
-# The test binary's path (cargo names it with a hash): from cargo's own report.
-test_bin=$(scripts/build-cuda.sh test "${cargo_args[@]}" --no-run --message-format=json 2>/dev/null \
-  | python3 -c '
+# One build; the binaries' paths (the test binary's name carries a hash) from cargo's report.
+artifacts=$(scripts/build-cuda.sh build --release --features cuda --bin plait \
+  --test model_parity_half --message-format=json)
+executable() {
+  python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "model_parity_half" \
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] \
             and m.get("executable"):
-        print(m["executable"])')
+        print(m["executable"])' "$1" <<<"$artifacts"
+}
+plait_bin=$(executable plait)
+test_bin=$(executable model_parity_half)
+[ -x "$plait_bin" ] || { echo "no plait binary was built" >&2; exit 1; }
 [ -x "$test_bin" ] || { echo "no model_parity_half test binary was built" >&2; exit 1; }
 
 rm -rf "$pack"
@@ -47,7 +51,7 @@ echo "$(git rev-parse --short HEAD)$dirty, built $(date -u +%FT%TZ)" >"$pack/com
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir "$stage/bin" "$stage/driver"
-strip -o "$stage/bin/plait" "$CARGO_TARGET_DIR/release/plait"
+strip -o "$stage/bin/plait" "$plait_bin"
 strip -o "$stage/bin/model_parity_half" "$test_bin"
 
 # What the binaries load, as the loader here resolves it with the wheels' libraries on the

@@ -699,9 +699,8 @@ fn bench(args: BenchArgs) -> Result<()> {
         }
         set_threads(threads);
     }
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // The count candle's kernels run with (from the environment, set at start or above).
+    let threads = candle_core::utils::get_num_threads();
     let placement = args.device.placement()?;
     // A model with its tokenizer (for the follow-up's conversation), or random weights.
     let (name, mut loaded, synthetic) = match &args.synthetic {
